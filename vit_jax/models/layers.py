@@ -40,6 +40,11 @@ def linear_xavier_uniform(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def pair(value) -> tuple[int, int]:
+  """An image size given as int or (height, width) -> (height, width)."""
+  return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(batch, H, W, C) -> (batch, H/p * W/p, p*p*C), patches in row-major order.
 

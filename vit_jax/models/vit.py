@@ -21,6 +21,7 @@ Parameter tree (unscanned), the layout of the public vit_jax `.npz` checkpoints:
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vit_jax.models import layers
@@ -29,19 +30,15 @@ POOLS = ('tok', 'gap', 'map')
 POSEMBS = ('learn', 'sincos2d')
 
 
-def _pair(value) -> tuple[int, int]:
-  return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
   """(rows, cols) of patches for an int or (height, width) image size."""
-  height, width_px = _pair(image_size)
+  height, width_px = layers.pair(image_size)
   return height // patch_size, width_px // patch_size
 
 
 def check_vit_fields(module, name: str) -> None:
   """Raises a ValueError naming the values when the fields do not make a model."""
-  height, width_px = _pair(module.image_size)
+  height, width_px = layers.pair(module.image_size)
   p = module.patch_size
   if p <= 0 or height % p or width_px % p:
     raise ValueError(f'{name}: image size {height}x{width_px} is not divisible by the patch '
@@ -63,7 +60,7 @@ def check_vit_fields(module, name: str) -> None:
 
 def check_images(images, image_size, channels: int, name: str) -> None:
   """Raises a ValueError when images are not (batch, H, W, channels) of the model's size."""
-  expected = _pair(image_size)
+  expected = layers.pair(image_size)
   if images.ndim != 4 or tuple(images.shape[1:3]) != expected or images.shape[3] != channels:
     raise ValueError(f'{name} expects images of shape (batch, {expected[0]}, {expected[1]}, '
                      f'{channels}), got {tuple(images.shape)}. Set image_size/channels of the '
@@ -95,6 +92,8 @@ class ViT(nn.Module):
     head_init_std: 0.0 initialises the head with zeros (vision_transformer); otherwise
       a truncated normal with this std (MAE fine-tuning uses 2e-5, linear probing 0.01).
     head_batchnorm: BatchNorm without affine parameters before the head (MAE linear probe).
+    frozen_encoder: stop gradients below the head, so that backpropagation skips the
+      encoder of a linear probe.
     init_scheme: 'vit' or 'mae', see layers.py.
   """
   num_classes: int = 1000
@@ -119,6 +118,7 @@ class ViT(nn.Module):
   remat_policy: str = 'none'
   head_init_std: float = 0.0
   head_batchnorm: bool = False
+  frozen_encoder: bool = False
   init_scheme: str = 'vit'
 
   def __post_init__(self):
@@ -177,6 +177,8 @@ class ViT(nn.Module):
       x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name='pre_logits')(x))
     if not self.num_classes:
       return x.astype(jnp.float32)
+    if self.frozen_encoder:
+      x = jax.lax.stop_gradient(x)
     if self.head_batchnorm:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
                        use_scale=False, use_bias=False, dtype=jnp.float32, name='head_norm')(x)

@@ -1,0 +1,128 @@
+"""Device mesh, parameter partition rules and global batches.
+
+The default mesh puts every device of every process on one `data` axis: plain data
+parallelism, what `pmap` used to give. FSDP shards parameters and optimizer state by
+rules from the config, a list of (regex, rule) pairs; the regex must match the whole
+'/'-joined path of a leaf (e.g. 'params/Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'
+or 'opt_state/.../mu/...'), and the first rule that matches wins:
+
+  'replicate'         a full copy on every device;
+  'fsdp:AXIS'         split the largest dimension that the size of mesh axis AXIS
+                      divides over that axis (several axes: 'fsdp:data+model');
+                      replicated when no dimension divides.
+
+Batches are always split over every mesh axis, so every device gets its own examples.
+"""
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] = (('data', -1),), devices=None) -> Mesh:
+  """A mesh with the named axes; one size may be -1 for 'all remaining devices'.
+
+  Devices are ordered by process so that each process owns a contiguous block of the
+  batch axis, which `jax.make_array_from_process_local_data` expects.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  devices.sort(key=lambda d: (d.process_index, d.id))
+  names = tuple(name for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  if len(set(names)) != len(names):
+    raise ValueError(f'Mesh axis names must differ, got {names}.')
+  if sizes.count(-1) > 1:
+    raise ValueError(f'At most one mesh axis may be -1, got {list(axes)}.')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if known <= 0 or len(devices) % known:
+      raise ValueError(f'Mesh {list(axes)}: {len(devices)} devices are not divisible by {known}.')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f'Mesh {list(axes)} needs {int(np.prod(sizes))} devices, '
+                     f'but {len(devices)} are available.')
+  return Mesh(np.array(devices).reshape(sizes), names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'batch_size') -> int:
+  """Returns this process's share of the batch; refuses a size the devices do not divide."""
+  num_devices = mesh.devices.size
+  num_processes = jax.process_count()
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(f'{what}={global_batch_size} is not divisible by the {num_devices} devices '
+                     f'of the mesh ({num_processes} process(es)); use a multiple of '
+                     f'{num_devices}.')
+  return global_batch_size // num_processes
+
+
+def make_global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Assembles per-process numpy arrays into global jax.Arrays split over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, axes: tuple[str, ...]) -> P:
+  size = int(np.prod([mesh.shape[a] for a in axes]))
+  candidates = [i for i, d in enumerate(shape) if d % size == 0 and d >= size]
+  if size == 1 or not candidates:
+    return P()
+  largest = max(candidates, key=lambda i: (shape[i], i))
+  spec = [None] * len(shape)
+  spec[largest] = axes if len(axes) > 1 else axes[0]
+  return P(*spec)
+
+
+def parse_rule(rule: str, mesh: Mesh) -> tuple[str, tuple[str, ...]]:
+  """'replicate' -> ('replicate', ()); 'fsdp:data+model' -> ('fsdp', ('data', 'model'))."""
+  if rule == 'replicate':
+    return 'replicate', ()
+  kind, _, axes = rule.partition(':')
+  axes = tuple(a for a in axes.split('+') if a)
+  if kind != 'fsdp' or not axes:
+    raise ValueError(f"Unknown sharding rule {rule!r}: use 'replicate' or 'fsdp:AXIS'.")
+  missing = [a for a in axes if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f'Sharding rule {rule!r} names axes {missing} that the mesh '
+                     f'{dict(mesh.shape)} does not have.')
+  return kind, axes
+
+
+def tree_shardings(tree: Any, rules: Sequence[tuple[str, str]], mesh: Mesh) -> Any:
+  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules.
+
+  Leaves whose path matches no rule, and scalars, are replicated.
+  """
+  compiled = [(re.compile(pattern), parse_rule(rule, mesh)) for pattern, rule in rules]
+
+  def sharding_for(path, leaf):
+    name = '/'.join(_key_name(k) for k in path)
+    shape = tuple(getattr(leaf, 'shape', ()))
+    for pattern, (kind, axes) in compiled:
+      if pattern.fullmatch(name):
+        if kind == 'fsdp' and shape:
+          return NamedSharding(mesh, _fsdp_spec(shape, mesh, axes))
+        break
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(sharding_for, tree)
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
