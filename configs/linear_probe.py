@@ -1,0 +1,58 @@
+r"""Linear probing of a frozen MAE encoder (MAE paper, LINPROBE.md recipe).
+
+  python -m vit_jax.main --config=configs/linear_probe.py:model=B/16,data=imagenet2012 \
+      --workdir=runs/probe_b16 --config.init.path=runs/mae_b16
+
+The encoder is frozen (gradients stop below the head), the class token's features go
+through a BatchNorm without affine parameters to a linear head, trained with LARS:
+batch 16384, base lr 0.1 scaled by batch/256, no weight decay, 90 epochs with 10
+warmup epochs, RandomResizedCrop and flip only. Expected (facebookresearch/mae,
+1600-epoch pretraining): 68.0% top-1 (B/16), 75.8% (L/16), 76.6% (H/14).
+
+Demo, probing the demo MAE (configs/mae_pretrain.py:demo), 1 CPU device:
+
+  python -m vit_jax.main --config=configs/linear_probe.py:demo --workdir=runs/probe_demo \
+      --config.init.path=runs/mae_demo
+"""
+
+from vit_jax import config_utils
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, variant='', model='B/16', data='imagenet2012')
+  config = config_utils.classification_config()
+  config.objective = 'linear_probe'
+  config.init = config_utils.mae_finetune_init()
+  # The MAE encoder's final norm feeds the class-token features: keep it.
+  config.init.ignore_unexpected = ('decoder_.*', 'Decoder/.*', 'mask_token')
+  config.label_smoothing = 0.0
+  config.mixup.prob = 0.0
+  config.optim.name = 'lars'
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 0.0
+  config.optim.base_lr = 0.1
+  config.optim.lr_batch_base = 256
+  config.optim.schedule = 'cosine'
+  config.data.crop_scale = (0.08, 1.0)
+
+  if arg.variant == 'demo':
+    config.model_name = 'ViT-mu/4'
+    config.model.update(config_utils.DEMO_ENCODER | dict(pool='tok', head_init_std=0.01))
+    config_utils.use_demo_data(config)
+    config.data.crop_scale = (0.35, 1.0)
+    config.num_epochs = 10
+    config.optim.warmup_epochs = 1
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 300
+    return config
+
+  config.model_name = f'ViT-{arg.model}'
+  config.model.update(dict(pool='tok', head_init_std=0.01))
+  config.data.name = arg.data
+  config.global_batch_size = 16384
+  config.eval_batch_size = 1024
+  config.num_epochs = 90
+  config.optim.warmup_epochs = 10
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 1000
+  return config

@@ -1,0 +1,62 @@
+r"""MAE pretraining (He et al. 2021, arXiv 2111.06377), the official recipe.
+
+ImageNet-1k (prepared once with scripts/prepare_dataset.py, see the README):
+
+  python -m vit_jax.main --config=configs/mae_pretrain.py:model=B/16,data=imagenet2012 \
+      --workdir=runs/mae_b16
+
+Recipe of the paper and of facebookresearch/mae PRETRAIN.md: 800 epochs (1600 for the
+headline numbers), batch 4096, AdamW (0.9, 0.95), weight decay 0.05, base lr 1.5e-4
+scaled by batch/256, 40 warmup epochs then cosine, mask ratio 0.75, norm_pix_loss,
+RandomResizedCrop(224, scale 0.2-1) and flip. Expected, after fine-tuning with
+configs/mae_finetune.py (paper, 1600 epochs): 83.6% top-1 for B/16, 85.9% for L/16,
+86.9% for H/14. We have not run the ImageNet recipe ourselves.
+
+Demo on the built-in Fashion-MNIST subset (a small MAE, 1 CPU device):
+
+  python -m vit_jax.main --config=configs/mae_pretrain.py:demo --workdir=runs/mae_demo
+
+writes runs/mae_demo/reconstructions.png (see the README for the time and loss measured).
+"""
+
+from vit_jax import config_utils
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, variant='', model='B/16', data='imagenet2012', epochs=800)
+  config = config_utils.base_config()
+  config.objective = 'mae'
+  config.reconstructions = 8  # images in workdir/reconstructions.png at the end; 0: none
+
+  config.optim.name = 'adamw'
+  config.optim.b1, config.optim.b2 = 0.9, 0.95
+  config.optim.weight_decay = 0.05
+  config.optim.base_lr = 1.5e-4
+  config.optim.lr_batch_base = 256
+  config.optim.schedule = 'cosine'
+  config.data.crop_scale = (0.2, 1.0)
+
+  if arg.variant == 'demo':
+    config.model_name = 'MAE-mu/4'
+    config.model.update(config_utils.DEMO_ENCODER | config_utils.DEMO_DECODER |
+                        dict(norm_pix_loss=True))
+    config_utils.use_demo_data(config)
+    config.num_epochs = 30
+    config.optim.warmup_epochs = 3
+    config.optim.base_lr = 1.5e-3
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 300
+    return config
+
+  config.model_name = f'MAE-{arg.model}'
+  config.model.norm_pix_loss = True
+  config.data.name = arg.data
+  config.global_batch_size = 4096
+  config.eval_batch_size = 1024
+  config.num_epochs = arg.epochs
+  config.optim.warmup_epochs = 40
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoint_every_steps = 50_000
+  config.model.scan = True
+  config.model.remat_policy = 'nothing_saveable' if arg.model.startswith(('L', 'H')) else 'none'
+  return config

@@ -1,0 +1,151 @@
+"""The training step under sharding, gradient accumulation and checkpoints across meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, config_utils, models, objectives, optim, sharding, train
+
+ENCODER = dict(image_size=16, channels=3, patch_size=4, width=32, depth=2, num_heads=4,
+               mlp_dim=64)
+DECODER = dict(decoder_width=16, decoder_depth=1, decoder_num_heads=2, decoder_mlp_dim=32)
+
+
+def make_config(objective):
+  if objective == 'mae':
+    config = config_utils.base_config()
+    config.objective = 'mae'
+    config.model_name = 'MAE-mu/4'
+    config.model.update(ENCODER | DECODER | dict(norm_pix_loss=True))
+  else:
+    config = config_utils.classification_config()
+    config.model_name = 'ViT-mu/4'
+    config.model.update(ENCODER | dict(pool='gap', head_init_std=0.02))
+    config.mixup.update(dict(mixup_alpha=0.2, cutmix_alpha=1.0))
+  config.global_batch_size = 16
+  config.optim.base_lr = 1e-3
+  config.optim.lr_batch_base = 0
+  config.optim.grad_clip_norm = 1.0
+  return config
+
+
+def build(config, mesh):
+  objective = objectives.get_objective(config)
+  model = models.get_model(config.model_name,
+                           **objective.model_overrides(10) | dict(config.model))
+  schedule = optim.learning_rate(config.optim, config.global_batch_size, 100, 10)
+  return model, train.build_steps(config, model, objective, mesh, schedule)
+
+
+def batches(num, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.normal(size=(size, 16, 16, 3)).astype(np.float32),
+           'label': rng.integers(0, 10, size).astype(np.int32)} for _ in range(num)]
+
+
+def run_losses(config, mesh, data, state=None):
+  _, steps = build(config, mesh)
+  state = steps.init() if state is None else state
+  losses = []
+  for batch in data:
+    state, step_metrics = steps.train(state, sharding.make_global_batch(batch, mesh))
+    losses.append(float(step_metrics['train/loss']))
+  return losses, state, steps
+
+
+MESHES = {
+    'one device': lambda: sharding.make_mesh([('data', -1)], devices=jax.devices()[:1]),
+    'data parallel': lambda: sharding.make_mesh([('data', -1)]),
+    'fsdp': lambda: sharding.make_mesh([('data', 2), ('fsdp', 4)]),
+}
+
+
+@pytest.mark.parametrize('objective', ['mae', 'classification'])
+def test_data_parallel_and_fsdp_give_the_losses_of_one_device(objective):
+  data = batches(4)
+  trajectories = {}
+  for name, make_mesh in MESHES.items():
+    config = make_config(objective)
+    if name == 'fsdp':
+      config.sharding_rules = [('.*', 'fsdp:fsdp')]
+    losses, state, _ = run_losses(config, make_mesh(), data)
+    trajectories[name] = losses
+    if name == 'fsdp':  # parameters and Adam moments are really split
+      kernel = state['params']['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+      assert kernel.addressable_shards[0].data.shape == (32, 16)
+  assert trajectories['one device'][0] > trajectories['one device'][-1]  # it learns
+  for name in ('data parallel', 'fsdp'):
+    np.testing.assert_allclose(trajectories[name], trajectories['one device'], rtol=2e-5,
+                               err_msg=name)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  config = make_config('classification')
+  config.mixup.prob = 0.0
+  mesh = MESHES['data parallel']()
+  data = batches(2, size=32)
+  config.global_batch_size = 32
+  full, full_state, _ = run_losses(config, mesh, data)
+  config.grad_accum_steps = 2
+  accumulated, accum_state, _ = run_losses(config, mesh, data)
+  np.testing.assert_allclose(accumulated, full, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+               accum_state['params'], full_state['params'])
+
+
+def test_checkpoint_from_8_devices_restores_on_1_device_and_on_a_4x2_mesh(tmp_path):
+  config = make_config('mae')
+  data = batches(4)
+  mesh8 = MESHES['data parallel']()
+  _, state, _ = run_losses(config, mesh8, data[:2])
+  saver = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  saver.save(2, state, {'position': 2})
+  saver.close()
+  expected, _, _ = run_losses(config, mesh8, data[2:], state=state)
+
+  for name, mesh, rules in (
+      ('1 device', MESHES['one device'](), [('.*', 'replicate')]),
+      ('4x2', sharding.make_mesh([('data', 4), ('fsdp', 2)]), [('.*', 'fsdp:fsdp')])):
+    config.sharding_rules = rules
+    _, steps = build(config, mesh)
+    restorer = checkpoint.Checkpointer(str(tmp_path), keep=2)
+    assert restorer.latest_step() == 2
+    restored, data_state = restorer.restore(2, steps.abstract_state)
+    restorer.close()
+    assert data_state == {'position': 2}
+    assert int(restored['step']) == 2
+    leaf = restored['params']['Decoder']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
+    assert len(leaf.sharding.device_set) == mesh.devices.size, name
+    losses, _, _ = run_losses(config, mesh, data[2:], state=restored)
+    np.testing.assert_allclose(losses, expected, rtol=2e-5, err_msg=name)
+
+
+def test_linear_probe_trains_only_the_head_and_updates_batchnorm_stats():
+  config = make_config('classification')
+  config.objective = 'linear_probe'
+  config.optim.name = 'lars'
+  config.mixup.prob = 0.0
+  mesh = MESHES['data parallel']()
+  _, steps = build(config, mesh)
+  state = steps.init()
+  before = jax.device_get(state)
+  assert 'head_norm' in before['model_state']['batch_stats']
+  state, _ = steps.train(state, sharding.make_global_batch(batches(1)[0], mesh))
+  after = jax.device_get(state)
+  for path, old in jax.tree_util.tree_leaves_with_path(before['params']):
+    new = after['params']
+    for key in path:
+      new = new[key.key]
+    moved = not np.array_equal(old, new)
+    assert moved == (path[0].key == 'head'), jax.tree_util.keystr(path)
+  stats = after['model_state']['batch_stats']['head_norm']
+  assert not np.allclose(stats['mean'], 0.0)
+
+
+def test_micro_batches_must_divide_over_devices():
+  config = make_config('classification')
+  config.global_batch_size, config.grad_accum_steps = 16, 4
+  with pytest.raises(ValueError, match='micro-batches gives 4 examples, not a multiple of the 8'):
+    train.check_micro_batches(config, MESHES['data parallel']())

@@ -1,0 +1,99 @@
+"""Shared parts of the config files in configs/: the loop's keys and argument parsing.
+
+A config file's `get_config(arg)` takes 'key=value' pairs separated by commas, e.g.
+`configs/mae_pretrain.py:model=L/16,data=imagenet2012`, or a single word such as
+`demo`. Every key of a config is read by the code (tests/test_configs.py checks it).
+"""
+
+import ml_collections
+
+from vit_jax import data, optim
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'model=B/16,data=imagenet2012' -> ConfigDict; a bare word 'demo' -> variant='demo'.
+
+  Only the keys given in `defaults` are accepted, with their types.
+  """
+  parsed = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      key, value = 'variant', key
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() in ('1', 'true', 'yes')
+    elif isinstance(default, (int, float)):
+      value = type(default)(value)
+    parsed[key] = value
+  return ml_collections.ConfigDict(parsed)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys every config has, with defaults for one machine."""
+  config = ml_collections.ConfigDict()
+  config.objective = 'classification'  # 'mae', 'classification' or 'linear_probe'
+  config.model_name = 'ViT-B/16'  # see vit_jax.models.get_model
+  config.model = ml_collections.ConfigDict()  # field overrides for get_model
+  config.data = data.default_data_config()
+  config.global_batch_size = 256
+  config.eval_batch_size = 256
+  config.num_epochs = 1.0
+  config.total_steps = 0  # > 0 overrides num_epochs
+  config.grad_accum_steps = 1
+  config.optim = optim.default_optim_config()
+  config.seed = 0
+  # Initialise from a checkpoint (fine-tuning): an Orbax workdir/step folder, or a
+  # .npz/.safetensors/.pth file (see vit_jax/interop.py). Regexes match parameter paths.
+  config.init = ml_collections.ConfigDict(dict(
+      path='',
+      reinit=('head/.*',),  # keep these freshly initialised (a new head)
+      allow_missing=('fc_norm/.*', 'head/.*', 'pre_logits/.*'),  # may be absent from the file
+      ignore_unexpected=(),  # entries of the file that the model does not use
+  ))
+  # Sharding: the mesh axes, and (regex, rule) pairs for parameters and optimizer
+  # state ('replicate' or 'fsdp:AXIS'), see vit_jax/sharding.py.
+  config.mesh = [('data', -1)]
+  config.sharding_rules = [('.*', 'replicate')]
+  config.log_every_steps = 50
+  config.eval_every_steps = 0  # 0: evaluate at the end only
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 2
+  config.keep_checkpoint_every_steps = 0  # > 0: also keep every such step
+  return config
+
+
+def classification_config() -> ml_collections.ConfigDict:
+  """base_config plus what classifiers read: label smoothing and on-device mixup/cutmix."""
+  config = base_config()
+  config.objective = 'classification'
+  config.label_smoothing = 0.1
+  config.mixup = ml_collections.ConfigDict(dict(
+      mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5))
+  return config
+
+
+# The demo: the built-in Fashion-MNIST subset and a small ViT (patch 4 on 28x28, 49 patches)
+# that trains in minutes on a laptop CPU.
+DEMO_ENCODER = dict(image_size=28, channels=1, width=128, depth=4, num_heads=4, mlp_dim=512)
+DEMO_DECODER = dict(decoder_width=64, decoder_depth=2, decoder_num_heads=4, decoder_mlp_dim=256)
+
+
+def use_demo_data(config: ml_collections.ConfigDict) -> None:
+  config.data.name = 'fashion_mnist_demo'
+  config.data.mean, config.data.std = (0.286,), (0.353,)  # of Fashion-MNIST's pixels
+  config.data.eval_crop_fraction = 1.0
+  config.global_batch_size = 256
+  config.eval_batch_size = 500
+
+
+def mae_finetune_init() -> ml_collections.ConfigDict:
+  """config.init for a classifier initialised from an MAE (Orbax workdir or official .pth)."""
+  return ml_collections.ConfigDict(dict(
+      path='',
+      reinit=('head/.*',),
+      allow_missing=('fc_norm/.*', 'head/.*'),
+      ignore_unexpected=('decoder_.*', 'Decoder/.*', 'mask_token', 'Transformer/encoder_norm/.*'),
+  ))

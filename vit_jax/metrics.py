@@ -1,0 +1,141 @@
+"""Metrics out: `metrics.jsonl`, TensorBoard events, a progress line; throughput and MFU.
+
+Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step, with
+`step` and names like `train/loss`, `eval/top1`. On resume, lines of steps after the
+restored checkpoint (logged by the interrupted run) are dropped, so the file reads as
+one uninterrupted run.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense peak FLOP/s per chip for the compute dtype, from the datasheets.
+PEAK_FLOPS = {
+    ('H100', 'bfloat16'): 989e12, ('H100', 'float32'): 67e12,
+    ('H200', 'bfloat16'): 989e12, ('H200', 'float32'): 67e12,
+    ('A100', 'bfloat16'): 312e12, ('A100', 'float32'): 19.5e12,
+    ('TPU v4', 'bfloat16'): 275e12, ('TPU v5 lite', 'bfloat16'): 197e12,
+    ('TPU v5p', 'bfloat16'): 459e12, ('TPU v6 lite', 'bfloat16'): 918e12,
+}
+
+
+def measured_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a float32 size x size matmul on the default backend (best of `repeats`).
+
+  This is the CPU's 'peak': what XLA reaches on the largest dense kernel.
+  """
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def peak_flops_per_device(dtype: str = 'float32') -> tuple[float, str]:
+  """(FLOP/s, where the number comes from) for one device of the default backend."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    # The simulated devices share the machine's cores: the peak of one device is the
+    # machine's measured rate divided among them.
+    rate = measured_matmul_flops() / jax.local_device_count()
+    return rate, 'measured f32 matmul'
+  kind = device.device_kind
+  for (name, peak_dtype), peak in PEAK_FLOPS.items():
+    if name in kind and peak_dtype == jnp.dtype(dtype).name:
+      return peak, f'datasheet {name} {peak_dtype}'
+  return float('nan'), f'unknown peak for {kind}'
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled function, per device, from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', float('nan')))
+
+
+class MetricWriter:
+  """Writes scalars to metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tensorboard = None
+    if not self.enabled:
+      return
+    if resume_step is not None and os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)['step'] <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+class Progress:
+  """Throughput, MFU and time left between log steps, and the line a person reads."""
+
+  def __init__(self, *, total_steps: int, global_batch_size: int, flops_per_step: float,
+               peak_flops: float, start_step: int):
+    self.total_steps = total_steps
+    self.global_batch_size = global_batch_size
+    self.flops_per_step = flops_per_step  # for all devices together
+    self.peak_flops = peak_flops  # for all devices together
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.enabled = jax.process_index() == 0
+
+  def measure(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = step - self.last_step
+    seconds = max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    if steps <= 0:
+      return {}
+    step_time = seconds / steps
+    return {'perf/images_per_sec': self.global_batch_size / step_time,
+            'perf/step_time': step_time,
+            'perf/mfu': self.flops_per_step / step_time / self.peak_flops}
+
+  def line(self, step: int, scalars: dict) -> str:
+    parts = [f'step {step}/{self.total_steps}']
+    for name, fmt in (('train/loss', 'loss {:.4f}'), ('train/lr', 'lr {:.2e}'),
+                      ('perf/images_per_sec', '{:.0f} img/s'), ('perf/mfu', 'MFU {:.1%}')):
+      if name in scalars and np.isfinite(scalars[name]):
+        parts.append(fmt.format(scalars[name]))
+    if 'perf/step_time' in scalars:
+      left = int(scalars['perf/step_time'] * (self.total_steps - step))
+      parts.append(f'{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left')
+    return ' | '.join(parts)
+
+  def print(self, message: str) -> None:
+    if self.enabled:
+      print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,355 @@
+"""The training loop, for every objective (see objectives.py).
+
+Sections, top to bottom: checks and set-up; model, optimizer and sharded state; the
+jitted steps; resume or initialise; the loop (log, evaluate, checkpoint, stop on
+SIGTERM). The same code runs on one CPU, on 8 simulated devices and on a pod: batches
+are global arrays split over the mesh, and jit with explicit shardings does the rest.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from vit_jax import checkpoint, data, interop, metrics, models, objectives, optim, sharding
+
+
+def num_train_steps(config, num_train_examples: int) -> tuple[int, float]:
+  """(total optimizer steps, steps per epoch) from total_steps or num_epochs."""
+  steps_per_epoch = num_train_examples / config.global_batch_size
+  total = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
+  if total <= 0:
+    raise ValueError(f'The run has no steps: total_steps={config.total_steps}, '
+                     f'num_epochs={config.num_epochs}.')
+  return total, steps_per_epoch
+
+
+def check_micro_batches(config, mesh) -> None:
+  micro = config.global_batch_size // max(config.grad_accum_steps, 1)
+  if config.global_batch_size % config.grad_accum_steps or micro % mesh.devices.size:
+    raise ValueError(f'global_batch_size={config.global_batch_size} split into '
+                     f'grad_accum_steps={config.grad_accum_steps} micro-batches gives '
+                     f'{config.global_batch_size / config.grad_accum_steps:g} examples, not a '
+                     f'multiple of the {mesh.devices.size} devices.')
+
+
+def split_micro_batches(batch, num_micro: int):
+  """(B, ...) -> (num_micro, B/num_micro, ...), micro-batch i = examples i, i+k, i+2k, ...
+
+  Strided so that every micro-batch keeps its share on every device (devices hold
+  contiguous blocks of the batch).
+  """
+  return jax.tree.map(
+      lambda x: x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1),
+      batch)
+
+
+class Preemption:
+  """A preemption notice (SIGTERM) becomes 'save and stop' at a step all processes agree on.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: JAX's
+  preemption sync manager (started by jax.distributed.initialize) catches SIGTERM on any
+  process and picks the next step that every process reaches; `reached` is then True
+  on all of them at that same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.multiprocess = jax.process_count() > 1
+    if not self.multiprocess:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Call once per step, on every process."""
+    if self.multiprocess:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self):
+    if not self.multiprocess:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        print(f'Note: the config differs from the one in {path}; writing the new one.')
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+@dataclasses.dataclass
+class Steps:
+  """The jitted functions of a run and the layout of its train state."""
+  init: Callable  # key -> state, sharded
+  make_state: Callable  # variables -> state (fresh optimizer), jit it with out_shardings
+  train: Callable  # (state, batch) -> (state, metrics); donates state
+  eval: Callable  # (params, model_state, batch) -> summed metrics
+  abstract_state: Any  # ShapeDtypeStructs with shardings
+  state_shardings: Any
+
+
+def build_steps(config, model, objective, mesh, schedule) -> Steps:
+  """Optimizer, sharded state layout and jitted steps for `model` under `objective`."""
+  root_key = jax.random.key(config.seed)
+  init_key, step_key, eval_key = jax.random.split(root_key, 3)
+  image_shape = (*models.layers.pair(model.image_size), model.channels)
+
+  def init_variables(key):
+    params_key, masking_key, dropout_key = jax.random.split(key, 3)
+    return model.init({'params': params_key, 'masking': masking_key, 'dropout': dropout_key},
+                      jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+  abstract_variables = jax.eval_shape(init_variables, init_key)
+  tx = optim.make_optimizer(config.optim, abstract_variables['params'], schedule,
+                            trainable=objective.trainable)
+
+  def make_state(variables):
+    variables = dict(variables)
+    params = variables.pop('params')
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+            'model_state': variables,
+            'ema_params': params if config.optim.ema_decay else {}}
+
+  abstract_state = jax.eval_shape(lambda k: make_state(init_variables(k)), init_key)
+  state_shardings = sharding.tree_shardings(abstract_state, config.sharding_rules, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  def loss_and_grads(params, model_state, batch, key):
+    def loss_fn(params):
+      return objective.train_loss(model, {'params': params, **model_state}, batch, key)
+    (_, (step_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, step_metrics, {**model_state, **updates}
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(step_key, state['step'])
+    params = state['params']
+    if config.grad_accum_steps == 1:
+      grads, step_metrics, model_state = loss_and_grads(params, state['model_state'], batch, key)
+    else:
+      def accumulate(carry, xs):
+        grad_sum, metric_sum, model_state = carry
+        micro_batch, index = xs
+        micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
+        grads, step_metrics, model_state = loss_and_grads(
+            params, model_state, micro_batch, jax.random.fold_in(key, index))
+        return (jax.tree.map(jnp.add, grad_sum, grads),
+                jax.tree.map(jnp.add, metric_sum, step_metrics), model_state), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      metric_zeros = {'loss': jnp.zeros((), jnp.float32)}
+      (grads, step_metrics, model_state), _ = jax.lax.scan(
+          accumulate, (zeros, metric_zeros, state['model_state']),
+          (split_micro_batches(batch, config.grad_accum_steps),
+           jnp.arange(config.grad_accum_steps)))
+      grads = jax.tree.map(lambda g: g / config.grad_accum_steps, grads)
+      step_metrics = jax.tree.map(lambda m: m / config.grad_accum_steps, step_metrics)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    params = optax.apply_updates(params, updates)
+    ema = state['ema_params']
+    if config.optim.ema_decay:
+      decay = config.optim.ema_decay
+      ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+                 'model_state': model_state, 'ema_params': ema}
+    step_metrics = {f'train/{k}': v for k, v in step_metrics.items()}
+    step_metrics |= {'train/grad_norm': optax.global_norm(grads),
+                     'train/lr': schedule(state['step'])}
+    return new_state, step_metrics
+
+  def eval_step(params, model_state, batch):
+    return objective.eval_sums(model, {'params': params, **model_state}, batch, eval_key)
+
+  init = jax.jit(lambda: make_state(init_variables(init_key)), out_shardings=state_shardings)
+  return Steps(
+      init=init, make_state=make_state,
+      train=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval=jax.jit(eval_step, out_shardings=replicated),
+      abstract_state=abstract_state, state_shardings=state_shardings)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates as the config says; resumes from workdir. Returns final metrics."""
+  # ---------------------------------------------------------------- checks and set-up
+  # Everything that can be wrong with the config is found here, before any compile.
+  objective = objectives.get_objective(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.global_batch_size, mesh, 'global_batch_size')
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  check_micro_batches(config, mesh)
+  data.ensure_prepared(config.data)
+  info = data.dataset_info(config.data)
+  model = models.get_model(config.model_name, **{
+      **objective.model_overrides(info.num_classes), **config.model})
+  total_steps, steps_per_epoch = num_train_steps(config, info.num_examples[config.data.train_split])
+  os.makedirs(workdir, exist_ok=True)
+  write_config(config, workdir)
+
+  # ------------------------------------------- model, optimizer and sharded train state
+  schedule = optim.learning_rate(config.optim, config.global_batch_size, total_steps,
+                                 steps_per_epoch)
+  steps = build_steps(config, model, objective, mesh, schedule)
+
+  def evaluate(state) -> dict:
+    results = {}
+    weights = [('eval', state['params'])]
+    if config.optim.ema_decay:
+      weights.append(('eval_ema', state['ema_params']))
+    for prefix, params in weights:
+      sums = None
+      for batch in data.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
+                                      mesh=mesh, image_size=model.image_size,
+                                      channels=model.channels):
+        batch_sums = jax.device_get(steps.eval(params, state['model_state'], batch))
+        sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+      results |= {f'{prefix}/{k}': v for k, v in objectives.summarize_eval(sums).items()}
+    return results
+
+  # -------------------------------------------------------- resume, or initialise
+  checkpoints = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                        keep_every=config.keep_checkpoint_every_steps)
+  train_iter = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
+                                   mesh=mesh, image_size=model.image_size,
+                                   channels=model.channels, seed=config.seed)
+  start_step = checkpoints.latest_step()
+  progress_print = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  if start_step is not None:
+    state, data_state = checkpoints.restore(start_step, steps.abstract_state)
+    train_iter.set_state(data_state)
+    progress_print(f'Resumed from {checkpoints.directory}/{start_step}.')
+  else:
+    start_step = 0
+    state = steps.init()
+    if config.init.path:
+      state = load_initial_params(config, state, steps, progress_print)
+  writer = metrics.MetricWriter(workdir, resume_step=start_step)
+
+  # ------------------------------------------------------------------------- the loop
+  compile_start = time.perf_counter()
+  first_batch = next(train_iter)
+  compiled_step = steps.train.lower(state, first_batch).compile()
+  flops_per_step = metrics.compiled_flops(compiled_step) * mesh.devices.size
+  peak, peak_source = metrics.peak_flops_per_device(model.dtype)
+  progress = metrics.Progress(total_steps=total_steps, global_batch_size=config.global_batch_size,
+                              flops_per_step=flops_per_step, peak_flops=peak * mesh.devices.size,
+                              start_step=start_step)
+  progress.print(f'{config.model_name} ({objective.__class__.__name__}) on '
+                 f'{mesh.devices.size} {jax.devices()[0].platform} device(s), mesh '
+                 f'{dict(mesh.shape)}; {total_steps} steps of {config.global_batch_size}; '
+                 f'step compiled in {time.perf_counter() - compile_start:.1f}s, '
+                 f'{flops_per_step / 1e9:.2f} GFLOP per step, peak from {peak_source}.')
+  preemption = Preemption()
+  pending = []  # (step, metrics on device) since the last log
+  final = {}
+  step = start_step
+  batch = first_batch
+  try:
+    while step < total_steps:
+      if batch is None:
+        batch = next(train_iter)
+      state, step_metrics = compiled_step(state, batch)
+      batch = None
+      step += 1
+      pending.append((step, step_metrics))
+      is_last = step == total_steps
+      stop = preemption.reached(step)
+      if step % config.log_every_steps == 0 or is_last or stop:
+        scalars = summarize_train(pending, checkpoints.latest_step())
+        pending = []
+        scalars |= progress.measure(step)
+        writer.write(step, scalars)
+        progress.print(progress.line(step, scalars))
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
+        final = evaluate(state)
+        writer.write(step, final)
+        progress.print(f'step {step}: ' + ', '.join(
+            f'{k} {v:.4f}' for k, v in final.items() if not k.endswith('count')))
+      if step % config.checkpoint_every_steps == 0 or is_last or stop:
+        if pending:
+          summarize_train(pending, checkpoints.latest_step())  # never save a NaN state
+        checkpoints.save(step, state, train_iter.get_state())
+      if stop and not is_last:
+        checkpoints.wait()
+        progress.print(f'SIGTERM: saved step {step} to {checkpoints.directory}; exiting. '
+                       'Run the same command to resume.')
+        break
+    if step < total_steps:  # stopped by SIGTERM
+      return {'step': step, 'preempted': 1.0}
+    if not final:  # resumed a finished run: evaluate what it left
+      final = evaluate(state)
+    if config.objective == 'mae' and config.reconstructions:
+      progress.print(f'Reconstructions: {write_reconstructions(config, model, mesh, state, workdir)}')
+  finally:
+    preemption.close()
+    checkpoints.close()
+    writer.close()
+  return final | {'step': step}
+
+
+def write_reconstructions(config, model, mesh, state, workdir: str) -> str:
+  """The four-panel MAE figure for the first eval images (collective: call on all processes)."""
+  from vit_jax import visualize  # pylint: disable=import-outside-toplevel
+  batch = next(iter(data.eval_iterator(
+      config.data, global_batch_size=config.eval_batch_size, mesh=mesh,
+      image_size=model.image_size, channels=model.channels)))
+  images, params = multihost_utils.process_allgather((batch['image'], state['params']),
+                                                     tiled=True)
+  path = os.path.join(workdir, 'reconstructions.png')
+  if jax.process_index() == 0:
+    visualize.save_reconstructions(model, params, images[:config.reconstructions], path,
+                                   mean=config.data.mean, std=config.data.std, seed=config.seed)
+  return path
+
+
+def summarize_train(pending, last_checkpoint) -> dict:
+  """Means of the pending step metrics; stops the run on a NaN or inf loss."""
+  values = jax.device_get([m for _, m in pending])
+  for (step, _), step_values in zip(pending, values):
+    loss = float(step_values['train/loss'])
+    if not np.isfinite(loss):
+      raise FloatingPointError(
+          f'The training loss is {loss} at step {step}; stopping. The last checkpoint '
+          f'(step {last_checkpoint}) was written before it; lower the learning rate or '
+          'check the data, then rerun to resume from it.')
+  return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def load_initial_params(config, state, steps: Steps, log):
+  """Replaces freshly initialised parameters with those of config.init.path, adapted."""
+  source, loaded = checkpoint.load_params(config.init.path)
+  fresh = jax.device_get(state['params'])
+  params, report = interop.fit_params(
+      loaded, fresh, reinit=tuple(config.init.reinit),
+      allow_missing=tuple(config.init.allow_missing),
+      ignore_unexpected=tuple(config.init.ignore_unexpected))
+  log(f'Initialised from {source}: {report}')
+  variables = {'params': params, **jax.device_get(state['model_state'])}
+  return jax.jit(steps.make_state, out_shardings=steps.state_shardings)(variables)
+
+
+def load_config_json(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
