@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = 0
     state = steps.init()
     if config.init.path:
-      state = load_initial_params(config, state, steps, progress_print)
+      state = load_initial_params(config, model, state, steps, progress_print)
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
 
   # ------------------------------------------------------------------------- the loop
@@ -337,14 +337,15 @@ def summarize_train(pending, last_checkpoint) -> dict:
   return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
-def load_initial_params(config, state, steps: Steps, log):
+def load_initial_params(config, model, state, steps: Steps, log):
   """Replaces freshly initialised parameters with those of config.init.path, adapted."""
   source, loaded = checkpoint.load_params(config.init.path)
   fresh = jax.device_get(state['params'])
   params, report = interop.fit_params(
       loaded, fresh, reinit=tuple(config.init.reinit),
       allow_missing=tuple(config.init.allow_missing),
-      ignore_unexpected=tuple(config.init.ignore_unexpected))
+      ignore_unexpected=tuple(config.init.ignore_unexpected),
+      new_grid=getattr(model, 'grid', None), source=config.init.path)
   log(f'Initialised from {source}: {report}')
   variables = {'params': params, **jax.device_get(state['model_state'])}
   return jax.jit(steps.make_state, out_shardings=steps.state_shardings)(variables)
