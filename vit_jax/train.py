@@ -27,7 +27,8 @@ from vit_jax import checkpoint, data, interop, metrics, models, objectives, opti
 def num_train_steps(config, num_train_examples: int) -> tuple[int, float]:
   """(total optimizer steps, steps per epoch) from total_steps or num_epochs."""
   steps_per_epoch = num_train_examples / config.global_batch_size
-  total = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
+  epoch_steps = math.ceil(config.num_epochs * steps_per_epoch)
+  total = config.total_steps or epoch_steps
   if total <= 0:
     raise ValueError(f'The run has no steps: total_steps={config.total_steps}, '
                      f'num_epochs={config.num_epochs}.')
@@ -204,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = data.dataset_info(config.data)
   model = models.get_model(config.model_name, **{
       **objective.model_overrides(info.num_classes), **config.model})
-  total_steps, steps_per_epoch = num_train_steps(config, info.num_examples[config.data.train_split])
+  total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
   os.makedirs(workdir, exist_ok=True)
   write_config(config, workdir)
 

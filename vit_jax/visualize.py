@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from vit_jax.models import layers
 
-TITLES = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
+TITLES = ('original', 'masked', 'reconstruction', '+ visible')
 
 
 def reconstruct(model, params, images, key):
@@ -46,7 +46,7 @@ def panel_grid(rows, scale: int) -> Image.Image:
                            title_h + len(rows) * (cell_h + pad) + pad), 'white')
   draw = ImageDraw.Draw(grid)
   for col, title in enumerate(TITLES[:len(rows[0])]):
-    draw.text((pad + col * (cell_w + pad), 2), title[:max(cell_w // 6, 4)], fill='black')
+    draw.text((pad + col * (cell_w + pad), 2), title, fill='black')
   for r, row in enumerate(rows):
     for c, cell in enumerate(row):
       tile = Image.fromarray(cell).resize((cell_w, cell_h), Image.NEAREST)
