@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import re
 import shlex
 from typing import Any, Optional, Sequence
 
@@ -125,8 +126,13 @@ def _resolve(data_config) -> _Resolved:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown dataset {name!r}: neither one of ours '
-                     f'{sorted(_OUR_BUILDERS)} nor a TFDS dataset ({e}).') from None
+    # TFDS's message lists every dataset it knows; keep only its suggestion.
+    suggestion = re.search(r'Did you mean: \S+ -> (\S+)', str(e))
+    hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ''
+    raise ValueError(f'Unknown dataset {name!r}{hint}: neither one of ours '
+                     f'{sorted(_OUR_BUILDERS)} nor a TFDS dataset, and nothing named so is '
+                     f'prepared in {data_dir}. A TFDS dataset is prepared with: python '
+                     f'scripts/prepare_dataset.py --dataset=NAME --data_dir={data_dir}') from None
   path = os.fspath(builder.data_path)
   if builder.is_prepared() and not _is_array_record_dir(path):
     raise _missing(data_config, path, why='is prepared in another file format than '
