@@ -15,7 +15,7 @@ Several processes (a TPU pod, a GPU cluster, or several processes on one machine
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, with :ARG.',
@@ -42,8 +42,9 @@ def initialize_distributed() -> None:
     if _PROCESS_ID.value >= _NUM_PROCESSES.value:
       raise app.UsageError(f'--process_id={_PROCESS_ID.value} is not below '
                            f'--num_processes={_NUM_PROCESSES.value}.')
-    if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Collectives between CPU devices of different processes (tests, laptops); GPU and
+    # TPU backends ignore this setting.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif _is_cluster():
@@ -61,6 +62,9 @@ def _is_cluster() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax and TFDS log every save and read at INFO; the progress line is ours to print.
+    logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   from vit_jax import train  # pylint: disable=import-outside-toplevel
   try:

@@ -124,13 +124,17 @@ def train_batches(data_config, *, local_batch_size: int, image_size: int, channe
 
 
 def eval_batch_count(num_examples: int, local_batch_size: int, process_count: int) -> int:
-  """Batches every process yields for one pass: enough for the largest shard."""
-  return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
+  """Batches every process yields for one pass: global batches to cover the split."""
+  return math.ceil(num_examples / (local_batch_size * process_count))
 
 
 def eval_batches(data_config, *, local_batch_size: int, image_size: int, channels: int,
                  split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  """One pass over this process's shard of `split`, padded to full batches.
+  """One pass over this process's part of `split`, padded to full batches.
+
+  Global batch k holds examples [k*G, (k+1)*G) in order and process p reads its
+  contiguous slice of it, as in training: the global batches are the same for any
+  number of processes; positions past the end are padding.
 
   Returns:
     grain.MapDataset of eval_batch_count(...) batches {'image', 'label', 'index',
@@ -141,14 +145,14 @@ def eval_batches(data_config, *, local_batch_size: int, image_size: int, channel
   split_source, load = _loader(data_config, split, transform)
   num_examples = len(split_source.source)
   num_batches = eval_batch_count(num_examples, local_batch_size, process_count)
+  global_batch_size = local_batch_size * process_count
 
-  def source_index(position: int) -> int:
-    index = process_index + position * process_count
-    return index if index < num_examples else PADDING
+  def source_indices(step: int) -> np.ndarray:
+    positions = (step * global_batch_size + process_index * local_batch_size
+                 + np.arange(local_batch_size))
+    return np.where(positions < num_examples, positions, PADDING)
 
-  return (grain.MapDataset.range(num_batches * local_batch_size)
-          .map(source_index)
-          .batch(local_batch_size)
+  return (grain.MapDataset.range(num_batches).map(source_indices)
           .map(functools.partial(load, rngs=None)))
 
 

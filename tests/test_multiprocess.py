@@ -1,0 +1,204 @@
+"""Several JAX processes on one machine give the run of one process (issue: multi-host).
+
+2 processes x 4 CPU devices (gloo collectives), started by scripts/launch_local.py, against
+1 process x 8 devices. Marked `multiprocess`: `pytest -m "not multiprocess"` skips them
+for a quick local run; CI runs them.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_main import ROOT, TINY_DECODER, TINY_MODEL, losses
+
+pytestmark = pytest.mark.multiprocess
+
+
+def flags(total_steps, mae=True):
+  flags = [f'--config.total_steps={total_steps}', '--config.global_batch_size=32',
+           '--config.eval_batch_size=64', '--config.data.eval_split=test[:100]',
+           '--config.log_every_steps=1', '--config.checkpoint_every_steps=3',
+           '--config.optim.warmup_epochs=0', '--config.optim.schedule=constant']
+  if mae:
+    flags.append('--config.reconstructions=0')
+  for key, value in (TINY_MODEL | (TINY_DECODER if mae else {})).items():
+    flags.append(f'--config.model.{key}={value}')
+  return flags
+
+
+def command(config, workdir, total_steps, processes):
+  mae = config.startswith('mae')
+  main = [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/{config}',
+          f'--workdir={workdir}', *flags(total_steps, mae)]
+  if processes == 1:
+    return main
+  return [sys.executable, f'{ROOT}/scripts/launch_local.py', f'--num_processes={processes}',
+          '--devices_per_process=4', '--', *main]
+
+
+def environment(data_dir, processes):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TFDS_DATA_DIR=data_dir)
+  if processes == 1:
+    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  return env
+
+
+def run(config, workdir, total_steps, processes, data_dir):
+  result = subprocess.run(command(config, str(workdir), total_steps, processes),
+                          env=environment(data_dir, processes), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout + result.stderr
+
+
+def eval_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [row for row in map(json.loads, f) if 'eval/count' in row]
+
+
+def assert_close(got: dict, want: dict, steps):
+  for step in steps:
+    assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def test_mae_two_processes_equal_one_and_checkpoints_cross_over(tmp_path, data_dir):
+  # The reference: one process, 8 devices, 6 steps (checkpoints at 3 and 6).
+  one = tmp_path / 'one'
+  run('mae_pretrain.py:demo', one, 6, 1, data_dir)
+  reference = losses(one)
+  # Two processes, 3 steps: the same losses, the same evaluation over exactly 100 images.
+  two = tmp_path / 'two'
+  output = run('mae_pretrain.py:demo', two, 3, 2, data_dir)
+  assert output.count('[0] step 1/3') == 1 and '[1] step' not in output  # process 0 logs
+  assert_close(losses(two), reference, range(1, 4))
+  assert eval_rows(two)[-1]['eval/count'] == 100
+  # The 2-process checkpoint of step 3 resumes in one process...
+  shutil.copytree(two, tmp_path / 'two_then_one')
+  output = run('mae_pretrain.py:demo', tmp_path / 'two_then_one', 6, 1, data_dir)
+  assert 'Resumed from' in output and re.search(r'checkpoints/3\b', output)
+  assert_close(losses(tmp_path / 'two_then_one'), reference, range(4, 7))
+  # ... and the 1-process checkpoint of step 3 in two processes.
+  one_then_two = tmp_path / 'one_then_two'
+  shutil.copytree(one, one_then_two)
+  shutil.rmtree(one_then_two / 'checkpoints' / '6')
+  run('mae_pretrain.py:demo', one_then_two, 6, 2, data_dir)
+  assert_close(losses(one_then_two), reference, range(4, 7))
+
+
+def test_classification_two_processes_equal_one(tmp_path, data_dir):
+  run('vit_scratch.py:demo', tmp_path / 'one', 3, 1, data_dir)
+  run('vit_scratch.py:demo', tmp_path / 'two', 3, 2, data_dir)
+  assert_close(losses(tmp_path / 'two'), losses(tmp_path / 'one'), range(1, 4))
+  one, two = eval_rows(tmp_path / 'one')[-1], eval_rows(tmp_path / 'two')[-1]
+  assert one['eval/count'] == two['eval/count'] == 100
+  assert two['eval/top1'] == pytest.approx(one['eval/top1'], abs=1e-6)
+  assert two['eval/loss'] == pytest.approx(one['eval/loss'], rel=1e-5)
+
+
+def test_processes_read_disjoint_parts_that_cover_the_split(tmp_path, data_dir):
+  """Each process reports the source indices it read; together they are the split."""
+  worker = [sys.executable, '-c', WORKER, str(tmp_path)]
+  launch = [sys.executable, f'{ROOT}/scripts/launch_local.py', '--num_processes=2',
+            '--devices_per_process=4', '--', *worker]
+  result = subprocess.run(launch, env=environment(data_dir, 2), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:]
+  reads = [json.load(open(tmp_path / f'reads_{p}.json')) for p in range(2)]
+  # Training: at every step the processes read disjoint halves of the global batch, and
+  # together exactly the batch one process reads alone.
+  from vit_jax import data  # pylint: disable=import-outside-toplevel
+  from vit_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = data.default_data_config()
+  config.data_dir = data_dir
+  alone = pipeline.train_batches(config, local_batch_size=32, image_size=28, channels=1, seed=0,
+                                 process_index=0, process_count=1)
+  for step in range(4):
+    halves = reads[0]['train'][step], reads[1]['train'][step]
+    assert not set(halves[0]) & set(halves[1])
+    assert halves[0] + halves[1] == alone[step]['index'].tolist()
+  eval_union = sorted(reads[0]['eval'] + reads[1]['eval'])
+  assert eval_union == list(range(100))  # every eval example exactly once
+  assert reads[0]['eval_count'] == reads[1]['eval_count'] == 100
+
+
+# Run in each process by test_processes_read_disjoint_parts_that_cover_the_split.
+WORKER = r'''
+import json, os, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(os.environ['VIT_JAX_COORDINATOR'],
+                           num_processes=int(os.environ['VIT_JAX_NUM_PROCESSES']),
+                           process_id=int(os.environ['VIT_JAX_PROCESS_ID']))
+import numpy as np
+from vit_jax import data, sharding
+from vit_jax.data import pipeline
+config = data.default_data_config()
+config.eval_split = 'test[:100]'
+data.ensure_prepared(config)
+mesh = sharding.make_mesh([('data', -1)])
+p, n = jax.process_index(), jax.process_count()
+host = pipeline.train_batches(config, local_batch_size=16, image_size=28, channels=1, seed=0,
+                              process_index=p, process_count=n)
+train = [host[k]['index'].tolist() for k in range(4)]
+evaluation = data.eval_iterator(config, global_batch_size=32, mesh=mesh, image_size=28,
+                                channels=1)
+count = 0.0
+for batch in evaluation:
+  count += float(jax.jit(lambda m: m.sum(), out_shardings=sharding.replicated(mesh))(
+      batch['mask']))
+host_eval = pipeline.eval_batches(config, local_batch_size=16, image_size=28, channels=1,
+                                  split='test[:100]', process_index=p, process_count=n)
+seen = [i for k in range(len(host_eval)) for i, m in zip(host_eval[k]['index'],
+                                                          host_eval[k]['mask']) if m]
+with open(os.path.join(sys.argv[1], f'reads_{p}.json'), 'w') as f:
+  json.dump({'train': train, 'eval': [int(i) for i in seen], 'eval_count': count}, f)
+'''
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(command('mae_pretrain.py:demo', str(workdir), 200, 2),
+                             env=environment(data_dir, 2), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  pids, lines = {}, []
+  deadline = time.time() + 180
+  for line in process.stdout:
+    lines.append(line)
+    match = re.match(r'\[launch\] process (\d) pid (\d+)', line)
+    if match:
+      pids[int(match[1])] = int(match[2])
+    if '[0] step 4/200' in line:
+      os.kill(pids[1], signal.SIGTERM)  # the notice reaches one host only
+      break
+    assert time.time() < deadline, ''.join(lines)
+  output, _ = process.communicate(timeout=180)
+  output = ''.join(lines) + output
+  assert process.returncode == 0, output[-3000:]
+  saved = re.search(r'\[0\] SIGTERM: saved step (\d+)', output)
+  assert saved, output[-3000:]
+  step = int(saved[1])
+  assert 4 <= step < 200
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert steps[-1] == step
+  # Both processes wrote their shards of that step: the checkpoint is complete.
+  assert (workdir / 'checkpoints' / str(step) / 'commit_success.txt').exists() or (
+      workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
+  # Rerunning resumes from it (here, to a shorter end so the test stays short).
+  resumed = subprocess.run(command('mae_pretrain.py:demo', str(workdir), step + 2, 2),
+                           env=environment(data_dir, 2), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout[-3000:]
+  assert f'checkpoints/{step}' in resumed.stdout
+  assert max(losses(workdir)) == step + 2
