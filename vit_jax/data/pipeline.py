@@ -209,11 +209,13 @@ class TrainIterator:
     return {'step': self._step, **self._layout}
 
   def set_state(self, state: dict) -> None:
-    """Continues after the batches counted in `state`. With another global batch size,
-    number of processes, seed or dataset it continues at the same number of examples
-    seen, which is not an exact resume (and says so)."""
+    """Continues after the batches counted in `state`, exactly, also on another number of
+    processes. With another global batch size, seed or dataset it continues at the same
+    number of examples seen, which is not an exact resume (and says so)."""
     step = int(state['step'])
-    changed = {k: (state.get(k), v) for k, v in self._layout.items() if state.get(k) != v}
+    # The process count may change: global batches do not depend on it.
+    changed = {k: (state.get(k), v) for k, v in self._layout.items()
+               if state.get(k) != v and k != 'process_count'}
     if changed:
       old_batch = int(state.get('global_batch_size') or self._layout['global_batch_size'])
       step = step * old_batch // self._layout['global_batch_size']
