@@ -48,7 +48,7 @@ def get_config(arg=None):
 
   config.model_name = f'ViT-{arg.model}'
   config.model.update(dict(pool='tok', head_init_std=0.01))
-  config.data.name = arg.data
+  config_utils.use_dataset(config, arg.data, imagenet_preprocessing=True)
   config.global_batch_size = 16384
   config.eval_batch_size = 1024
   config.num_epochs = 90

@@ -37,6 +37,7 @@ def get_config(arg=None):
   config.optim.weight_decay = 0.05
   config.optim.lr_batch_base = 256
   config.optim.schedule = 'cosine'
+  config.optim.min_lr = 1e-6  # main_finetune.py's default
 
   if arg.variant == 'demo':
     config.model_name = 'ViT-mu/4'
@@ -58,7 +59,7 @@ def get_config(arg=None):
   base_lr, layer_decay, drop_path, epochs = RECIPES[arg.model]
   config.model_name = f'ViT-{arg.model}'
   config.model.update(dict(pool='gap', drop_path=drop_path, head_init_std=2e-5))
-  config.data.name = arg.data
+  config_utils.use_dataset(config, arg.data, imagenet_preprocessing=True)
   config.data.randaugment_layers = 2
   config.data.randaugment_magnitude = 9
   config.global_batch_size = 1024

@@ -34,6 +34,9 @@ def get_config(arg=None):
   config.optim.lr_batch_base = 256
   config.optim.schedule = 'cosine'
   config.data.crop_scale = (0.2, 1.0)
+  # As timm 0.3.2's add_weight_decay in main_pretrain.py: no decay on biases and norms only
+  # (the class and mask tokens are decayed; position embeddings are fixed).
+  config.optim.no_decay = ('.*/bias', '.*/scale')
 
   if arg.variant == 'demo':
     config.model_name = 'MAE-mu/4'
@@ -49,7 +52,7 @@ def get_config(arg=None):
 
   config.model_name = f'MAE-{arg.model}'
   config.model.norm_pix_loss = True
-  config.data.name = arg.data
+  config_utils.use_dataset(config, arg.data, imagenet_preprocessing=True)
   config.global_batch_size = 4096
   config.eval_batch_size = 1024
   config.num_epochs = arg.epochs

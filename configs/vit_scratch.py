@@ -1,7 +1,8 @@
 r"""A plain ViT trained from scratch: big_vision's "better plain ViT baselines".
 
 Beyer, Zhai, Kolesnikov 2022 (arXiv 2205.01580): ViT-S/16 on ImageNet-1k in 90 epochs,
-global average pooling, fixed sincos2d position embeddings, no class token, batch 1024,
+global average pooling, fixed sincos2d position embeddings, no class token, a tanh
+pre-logits layer (big_vision's rep_size=True), batch 1024,
 AdamW (0.9, 0.999), lr 1e-3, decoupled weight decay 1e-4 (0.1 in optax's lr-scaled
 convention), 10k warmup steps then cosine, gradient clipping at 1.0, RandAugment(2, 10),
 mixup 0.2, Inception crop, zero-initialised head. Expected: 76.5% top-1 after 90 epochs
@@ -15,7 +16,7 @@ Demo on the built-in Fashion-MNIST subset, 1 CPU device:
   python -m vit_jax.main --config=configs/vit_scratch.py:demo --workdir=runs/scratch_demo
 """
 
-from vit_jax import config_utils
+from vit_jax import config_utils, models
 
 
 def get_config(arg=None):
@@ -49,7 +50,8 @@ def get_config(arg=None):
     return config
 
   config.model_name = f'ViT-{arg.model}'
-  config.data.name = arg.data
+  config.model.representation_size = models.VARIANTS[arg.model.split('/')[0]][0]
+  config_utils.use_dataset(config, arg.data, imagenet_preprocessing=False)
   config.global_batch_size = 1024
   config.eval_batch_size = 1024
   config.num_epochs = arg.epochs

@@ -159,3 +159,28 @@ def test_scan_unscan_params_roundtrip_for_the_mae_decoder_too():
   assert set(scanned['Transformer']) == {'encoderblock', 'encoder_norm'}
   back = layers.unscan_params(scanned)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+def test_lars_follows_mae_util_lars_order():
+  """A NumPy transcription of facebookresearch/mae util/lars.py, with a changing lr."""
+  cfg = config(name='lars', weight_decay=0.1, momentum=0.9)
+  params = {'head': {'kernel': jnp.array([[1.0, -2.0], [0.5, 3.0]]),
+                     'bias': jnp.array([0.1, 0.2])}}
+  grads = {'head': {'kernel': jnp.array([[0.3, 0.1], [-0.2, 0.4]]),
+                    'bias': jnp.array([1.0, -1.0])}}
+  schedule = lambda step: 0.5 * (step + 1)  # noqa: E731
+  tx = optim.make_optimizer(cfg, params, schedule)
+  state = tx.init(params)
+  expected = jax.tree.map(np.asarray, params)
+  momentum = jax.tree.map(np.zeros_like, expected)
+  for step in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    for name, weight in expected['head'].items():
+      update = np.asarray(grads['head'][name])
+      if weight.ndim > 1:  # biases and norms: no weight decay, no trust ratio
+        update = update + 0.1 * weight
+        update = update * 0.001 * np.linalg.norm(weight) / np.linalg.norm(update)
+      momentum['head'][name] = 0.9 * momentum['head'][name] + update
+      expected['head'][name] = weight - schedule(step) * momentum['head'][name]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), params, expected)

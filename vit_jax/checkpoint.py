@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and the data iterator; weights for a new model.
 
 A workdir's `checkpoints/<step>/` holds two items:
-  state: {'step', 'params', 'opt_state', 'batch_stats', 'ema_params'} (sharded arrays);
+  state: {'step', 'params', 'opt_state', 'model_state', 'ema_params'} (sharded arrays;
+         model_state holds BatchNorm statistics where a model has them);
   data:  the input iterator's state (JSON), so that a resumed run reads the batches an
          uninterrupted run would have read.
 Saves are asynchronous: training continues while the arrays are written.

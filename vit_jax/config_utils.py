@@ -89,6 +89,23 @@ def use_demo_data(config: ml_collections.ConfigDict) -> None:
   config.eval_batch_size = 400  # 5 batches for the 2,000 test images, 8 devices divide it
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# TFDS names of the evaluation split where it is not 'test' (ImageNet's 'test' is unlabelled).
+EVAL_SPLITS = {'imagenet2012': 'validation', 'imagenet2012_subset': 'validation',
+               'imagenette': 'validation'}
+
+
+def use_dataset(config: ml_collections.ConfigDict, name: str, *,
+                imagenet_preprocessing: bool) -> None:
+  """A paper variant's dataset: its evaluation split and, for the MAE recipes, ImageNet's
+  mean/std and bicubic resizing (torchvision's Normalize and interpolation=3)."""
+  config.data.name = name
+  config.data.eval_split = EVAL_SPLITS.get(name, 'test')
+  if imagenet_preprocessing:
+    config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
+    config.data.interpolation = 'bicubic'
+
+
 def mae_finetune_init() -> ml_collections.ConfigDict:
   """config.init for a classifier initialised from an MAE (Orbax workdir or official .pth)."""
   return ml_collections.ConfigDict(dict(

@@ -75,7 +75,7 @@ class MetricWriter:
       return
     if resume_step is not None and os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line)['step'] <= resume_step]
+        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
       with open(self.path, 'w') as f:
         f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -94,6 +94,14 @@ class MetricWriter:
   def close(self) -> None:
     if self.tensorboard is not None:
       self.tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics line; None for a line cut short by a killed process."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError):
+    return None
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -133,9 +133,14 @@ def make_optimizer(optim: ml_collections.ConfigDict, params, schedule: optax.Sch
     core = optax.chain(optax.add_decayed_weights(optim.weight_decay, decay_mask),
                        optax.sgd(schedule, momentum=optim.momentum or None))
   elif optim.name == 'lars':
-    # As the MAE linear probe: no weight decay and no trust ratio on biases and norms.
-    core = optax.lars(schedule, weight_decay=optim.weight_decay, weight_decay_mask=decay_mask,
-                      trust_ratio_mask=decay_mask, momentum=optim.momentum)
+    # MAE's util/lars.py, in its order: weight decay and the trust ratio (both skipped for
+    # biases and norms), then momentum, then the learning rate. (optax.lars applies the
+    # learning rate before the momentum, which differs while the rate changes.)
+    core = optax.chain(
+        optax.add_decayed_weights(optim.weight_decay, decay_mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), decay_mask),
+        optax.trace(decay=optim.momentum),
+        optax.scale_by_learning_rate(schedule))
   else:
     raise ValueError(f"optim.name={optim.name!r}: use 'adamw', 'sgd' or 'lars'.")
   if optim.grad_clip_norm:

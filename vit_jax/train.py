@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Any, Callable
@@ -33,6 +34,26 @@ def num_train_steps(config, num_train_examples: int) -> tuple[int, float]:
     raise ValueError(f'The run has no steps: total_steps={config.total_steps}, '
                      f'num_epochs={config.num_epochs}.')
   return total, steps_per_epoch
+
+
+def check_loop_keys(config) -> None:
+  """Intervals and counts that must be positive, regexes that must compile, paths that
+  must exist: refused here rather than hours into a run."""
+  for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+              'grad_accum_steps', 'global_batch_size', 'eval_batch_size'):
+    if config[key] < 1:
+      raise ValueError(f'{key}={config[key]} must be at least 1.')
+  for key in ('eval_every_steps', 'keep_checkpoint_every_steps', 'total_steps'):
+    if config[key] < 0:
+      raise ValueError(f'{key}={config[key]} must be 0 (off) or positive.')
+  for key in ('reinit', 'allow_missing', 'ignore_unexpected'):
+    for pattern in config.init[key]:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f'init.{key}: {pattern!r} is not a regex ({e}).') from None
+  if config.init.path and not os.path.exists(config.init.path):
+    raise ValueError(f'init.path={config.init.path!r} does not exist.')
 
 
 def check_micro_batches(config, mesh) -> None:
@@ -196,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as the config says; resumes from workdir. Returns final metrics."""
   # ---------------------------------------------------------------- checks and set-up
   # Everything that can be wrong with the config is found here, before any compile.
+  check_loop_keys(config)
   objective = objectives.get_objective(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.global_batch_size, mesh, 'global_batch_size')
@@ -203,6 +225,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_micro_batches(config, mesh)
   data.ensure_prepared(config.data)
   info = data.dataset_info(config.data)
+  for split in ('train_split', 'eval_split'):
+    try:
+      info.split_size(config.data[split])
+    except (KeyError, ValueError) as e:
+      raise ValueError(f'data.{split}={config.data[split]!r} is not a split of '
+                       f'{config.data.name!r} ({e}).') from None
   model = models.get_model(config.model_name, **{
       **objective.model_overrides(info.num_classes), **config.model})
   total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
@@ -283,11 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars |= progress.measure(step)
         writer.write(step, scalars)
         progress.print(progress.line(step, scalars))
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
-        final = evaluate(state)
-        writer.write(step, final)
-        progress.print(f'step {step}: ' + ', '.join(
-            f'{k} {v:.4f}' for k, v in final.items() if not k.endswith('count')))
+      # Save before evaluating: a preemption's grace period is short, and a failing
+      # evaluation must not cost the last steps.
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
         if pending:
           summarize_train(pending, checkpoints.latest_step())  # never save a NaN state
@@ -297,6 +322,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.print(f'SIGTERM: saved step {step} to {checkpoints.directory}; exiting. '
                        'Run the same command to resume.')
         break
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
+        final = evaluate(state)
+        writer.write(step, final)
+        progress.print(f'step {step}: ' + ', '.join(
+            f'{k} {v:.4f}' for k, v in final.items() if not k.endswith('count')))
     if step < total_steps:  # stopped by SIGTERM
       return {'step': step, 'preempted': 1.0}
     if not final:  # resumed a finished run: evaluate what it left
@@ -326,29 +356,32 @@ def write_reconstructions(config, model, mesh, state, workdir: str) -> str:
 
 
 def summarize_train(pending, last_checkpoint) -> dict:
-  """Means of the pending step metrics; stops the run on a NaN or inf loss."""
+  """Means of the pending step metrics; stops the run on a NaN or inf loss or gradient."""
   values = jax.device_get([m for _, m in pending])
   for (step, _), step_values in zip(pending, values):
-    loss = float(step_values['train/loss'])
-    if not np.isfinite(loss):
-      raise FloatingPointError(
-          f'The training loss is {loss} at step {step}; stopping. The last checkpoint '
-          f'(step {last_checkpoint}) was written before it; lower the learning rate or '
-          'check the data, then rerun to resume from it.')
+    for name in ('train/loss', 'train/grad_norm'):
+      value = float(step_values[name])
+      if not np.isfinite(value):
+        raise FloatingPointError(
+            f'{name} is {value} at step {step}; stopping. The last checkpoint (step '
+            f'{last_checkpoint}) was written before it; lower the learning rate or check '
+            'the data, then rerun to resume from it.')
   return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
 def load_initial_params(config, model, state, steps: Steps, log):
   """Replaces freshly initialised parameters with those of config.init.path, adapted."""
   source, loaded = checkpoint.load_params(config.init.path)
-  fresh = jax.device_get(state['params'])
+  # Gathered, not device_get: with FSDP across hosts no process holds every shard.
+  fresh, model_state = multihost_utils.process_allgather(
+      (state['params'], state['model_state']), tiled=True)
   params, report = interop.fit_params(
       loaded, fresh, reinit=tuple(config.init.reinit),
       allow_missing=tuple(config.init.allow_missing),
       ignore_unexpected=tuple(config.init.ignore_unexpected),
       new_grid=getattr(model, 'grid', None), source=config.init.path)
   log(f'Initialised from {source}: {report}')
-  variables = {'params': params, **jax.device_get(state['model_state'])}
+  variables = {'params': params, **model_state}
   return jax.jit(steps.make_state, out_shardings=steps.state_shardings)(variables)
 
 

@@ -1,17 +1,17 @@
 """grain pipelines from a TFDS data source to sharded global batches.
 
 Host side, every pipeline is a grain.MapDataset of whole batches: batch k is a pure
-function of (dataset, seed, process, k). Example indices are sharded, shuffled and
-repeated by grain; the examples of a batch are read with one batched call and
-transformed together. That makes resuming exact: the iterator state is the number of
-batches consumed, and batch k is recomputed, not replayed.
+function of (dataset, seed, k, process). The examples of a batch are read with one
+batched call and transformed together. That makes resuming exact: the iterator state is
+the number of batches consumed, and batch k is recomputed, not replayed.
 
-  train: process p of P owns examples p, p+P, p+2P, ... of the split; every epoch
-         shuffles that shard anew (grain folds the epoch into the seed); batches run
-         across epoch boundaries, so nothing is dropped.
-  eval:  the same shards, one pass, padded with mask 0 to the same number of full
-         batches on every process (multi-host jit needs every process in every step).
-"""
+  train: one global order, a permutation of the split per epoch (grain folds the epoch
+         into the seed); global batch k is positions [k*G, (k+1)*G) of it and process p
+         of P reads its contiguous slice of G/P; batches run across epoch boundaries, so
+         nothing is dropped. Global batches do not depend on P.
+  eval:  examples in order, global batch k is [k*G, (k+1)*G) split the same way, one
+         pass, padded with mask 0 to the same number of full batches on every process
+         (multi-host jit needs every process in every step)."""
 
 import collections
 import functools
