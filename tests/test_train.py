@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, config_utils, models, objectives, optim, sharding, train
+from vit_jax import (checkpoint, config_utils, metrics, models, objectives, optim, sharding,
+                     train)
 
 ENCODER = dict(image_size=16, channels=3, patch_size=4, width=32, depth=2, num_heads=4,
                mlp_dim=64)
@@ -98,6 +99,30 @@ def test_gradient_accumulation_matches_the_full_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                accum_state['params'], full_state['params'])
   assert not np.allclose(full_state['params']['head']['kernel'], 0.0)  # it moved
+
+
+@pytest.mark.parametrize('scan, accum', [(False, 1), (True, 1), (False, 2)])
+def test_mfu_counts_the_flops_of_the_whole_step(scan, accum):
+  """XLA's count when it sees every FLOP; the hand count when a loop hides some."""
+  config = make_config('classification')
+  config.model.scan = scan
+  config.grad_accum_steps = accum
+  mesh = MESHES['data parallel']()
+  model, steps = build(config, mesh)
+  state = steps.init()
+  batch = sharding.make_global_batch(batches(1)[0], mesh)
+  compiled = steps.train.lower(state, batch).compile()
+  by_hand = metrics.train_flops(model, 'classification') * 16
+  xla = metrics.compiled_flops(compiled) * 8
+  flops, source = metrics.step_flops(compiled, model, 'classification', 16,
+                                     accumulation=accum > 1, num_devices=8)
+  if scan or accum > 1:
+    assert flops == by_hand and 'by hand' in source
+    assert xla < 0.8 * by_hand  # what XLA would have said: a loop body counted once
+  else:
+    assert flops == xla and 'XLA' in source
+    # Norms, softmax, GELU, the loss and the optimizer on top of the matmuls.
+    assert by_hand < flops < 1.5 * by_hand
 
 
 def test_checkpoint_from_8_devices_restores_on_1_device_and_on_a_4x2_mesh(tmp_path):

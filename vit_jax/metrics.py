@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import models
+
 # Dense peak FLOP/s per chip for the compute dtype, from the datasheets.
 PEAK_FLOPS = {
     ('H100', 'bfloat16'): 989e12, ('H100', 'float32'): 67e12,
@@ -62,6 +64,84 @@ def compiled_flops(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get('flops', float('nan')))
+
+
+# Model FLOPs by hand (MFU's numerator, as in the papers and PaLM).
+
+
+def block_flops(tokens: int, width: int, mlp_dim: int) -> int:
+  """Forward matmul FLOPs of one Transformer block on `tokens` tokens of one example."""
+  projections = 2 * tokens * width * (4 * width)  # query, key, value, out
+  attention = 2 * (2 * tokens * tokens * width)  # scores q.k, and the weighted sum of values
+  mlp = 2 * (2 * tokens * width * mlp_dim)
+  return projections + attention + mlp
+
+
+def _head_flops(model) -> int:
+  """Forward FLOPs of a ViT after the encoder: attention pooling, pre_logits, head."""
+  width = model.width
+  tokens = int(np.prod(model.grid)) + model.num_prefix_tokens
+  flops = 0
+  if model.pool == 'map':
+    # One probe query attends to every token, then a LayerNorm and an MLP on it.
+    flops += 2 * width * width + 2 * tokens * width * 2 * width  # q; k and v
+    flops += 2 * 2 * tokens * width + 2 * width * width  # scores, values; out
+    flops += 2 * 2 * width * model.mlp_dim
+  features = width
+  if model.representation_size:
+    flops += 2 * width * model.representation_size
+    features = model.representation_size
+  if model.num_classes:
+    flops += 2 * features * model.num_classes
+  return flops
+
+
+def forward_flops(model) -> int:
+  """Forward matmul FLOPs for one example of a ViT or MAE (vit_jax.models), by hand.
+
+  Counts multiply-adds as 2 FLOPs and only the matmuls: patch embedding, attention
+  projections, scores and weighted values, MLP, head (and for MAE the decoder
+  embedding and the pixel prediction). Norms, softmax, GELU and the loss are left out,
+  as in the papers' and PaLM's MFU convention.
+  """
+  num_patches = int(np.prod(model.grid))
+  patch_dim = model.patch_size**2 * model.channels
+  if isinstance(model, models.MAE):
+    visible = int(num_patches * (1 - model.mask_ratio))
+    encoder_tokens, decoder_tokens = visible + 1, num_patches + 1  # + class token
+    return (2 * visible * patch_dim * model.width  # only the visible patches are embedded
+            + model.depth * block_flops(encoder_tokens, model.width, model.mlp_dim)
+            + 2 * encoder_tokens * model.width * model.decoder_width  # decoder_embed
+            + model.decoder_depth * block_flops(decoder_tokens, model.decoder_width,
+                                                model.decoder_mlp_dim)
+            + 2 * decoder_tokens * model.decoder_width * patch_dim)  # decoder_pred
+  tokens = num_patches + model.num_prefix_tokens
+  return (2 * num_patches * patch_dim * model.width
+          + model.depth * block_flops(tokens, model.width, model.mlp_dim)
+          + _head_flops(model))
+
+
+def train_flops(model, objective: str) -> int:
+  """Training FLOPs for one example: 3x forward (backward = 2x forward).
+
+  A linear probe stops gradients below the head: forward plus twice the head.
+  """
+  if objective == 'linear_probe':
+    return forward_flops(model) + 2 * _head_flops(model)
+  return 3 * forward_flops(model)
+
+
+def step_flops(compiled, model, objective: str, global_batch_size: int, *,
+               accumulation: bool, num_devices: int) -> tuple[float, str]:
+  """(FLOPs of one training step on all devices, where the count comes from) for MFU.
+
+  XLA's count of the compiled step where it is exact; it counts the body of a loop once,
+  so with scanned blocks or accumulated micro-batches the count by hand is used instead.
+  """
+  if model.scan or accumulation:
+    return (float(train_flops(model, objective) * global_batch_size),
+            'counted by hand: XLA counts a scanned or accumulated loop body once')
+  return compiled_flops(compiled) * num_devices, "XLA's count of the compiled step"
 
 
 class MetricWriter:

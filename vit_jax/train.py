@@ -280,7 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   compile_start = time.perf_counter()
   first_batch = next(train_iter)
   compiled_step = steps.train.lower(state, first_batch).compile()
-  flops_per_step = metrics.compiled_flops(compiled_step) * mesh.devices.size
+  flops_per_step, flops_source = metrics.step_flops(
+      compiled_step, model, config.objective, config.global_batch_size,
+      accumulation=config.grad_accum_steps > 1, num_devices=mesh.devices.size)
   peak, peak_source = metrics.peak_flops_per_device(model.dtype)
   progress = metrics.Progress(total_steps=total_steps, global_batch_size=config.global_batch_size,
                               flops_per_step=flops_per_step, peak_flops=peak * mesh.devices.size,
@@ -289,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f'{mesh.devices.size} {jax.devices()[0].platform} device(s), mesh '
                  f'{dict(mesh.shape)}; {total_steps} steps of {config.global_batch_size}; '
                  f'step compiled in {time.perf_counter() - compile_start:.1f}s, '
-                 f'{flops_per_step / 1e9:.2f} GFLOP per step, peak from {peak_source}.')
+                 f'{flops_per_step / 1e9:.2f} GFLOP per step ({flops_source}), '
+                 f'peak from {peak_source}.')
   preemption = Preemption()
   pending = []  # (step, metrics on device) since the last log
   final = {}

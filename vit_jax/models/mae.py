@@ -137,16 +137,17 @@ class MAE(nn.Module):
     dtype = jnp.dtype(self.dtype)
     batch = images.shape[0]
     num_patches = int(np.prod(self.grid))
-    x = layers.PatchEmbedding(self.patch_size, self.width, self.init_scheme, dtype,
-                              name='embedding')(images)
-    x = x + jnp.asarray(layers.sincos2d_table(self.grid, self.width), dtype)[None]
-
     if noise is None:
       noise = jax.random.uniform(self.make_rng('masking'), (batch, num_patches))
     elif noise.shape != (batch, num_patches):
       raise ValueError(f'MAE: noise must have shape {(batch, num_patches)}, got {noise.shape}.')
     ids_keep, ids_restore, mask = random_masking(noise, self.mask_ratio)
-    x = take_tokens(x, ids_keep)
+    # Only the visible patches are embedded: the official code embeds all of them, then
+    # keeps these, the same numbers for 1 / (1 - mask_ratio) times the work.
+    x = layers.PatchEmbedding(self.patch_size, self.width, self.init_scheme, dtype,
+                              name='embedding')(images, ids_keep)
+    posemb = jnp.asarray(layers.sincos2d_table(self.grid, self.width), dtype)
+    x = x + posemb[ids_keep]
     x = layers.prepend_class_token(self, x, self.init_scheme)  # its position embedding is 0
     x = self._trunk('Transformer', width_heads_mlp_depth=(self.num_heads, self.mlp_dim,
                                                           self.depth),

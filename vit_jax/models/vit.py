@@ -172,7 +172,7 @@ class ViT(nn.Module):
       x = layers.MAPHead(self.num_heads, self.mlp_dim, self.layernorm_epsilon, dtype,
                          name='MAPHead_0')(x)
     if self.use_fc_norm:
-      x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=dtype, name='fc_norm')(x)
+      x = layers.LayerNorm(epsilon=self.layernorm_epsilon, dtype=dtype, name='fc_norm')(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name='pre_logits')(x))
     if not self.num_classes:
