@@ -45,7 +45,7 @@ def get_config(arg=None):
         pool='gap', drop_path=0.1, head_init_std=2e-5))
     config_utils.use_demo_data(config)
     config.data.crop_scale = (0.35, 1.0)
-    config.num_epochs = 15
+    config.num_epochs = 8
     config.optim.warmup_epochs = 1
     config.optim.base_lr = 1e-3
     config.optim.layer_decay = 0.75

@@ -43,8 +43,8 @@ def get_config(arg=None):
     config.model.update(config_utils.DEMO_ENCODER | config_utils.DEMO_DECODER |
                         dict(norm_pix_loss=True))
     config_utils.use_demo_data(config)
-    config.num_epochs = 30
-    config.optim.warmup_epochs = 3
+    config.num_epochs = 16
+    config.optim.warmup_epochs = 2
     config.optim.base_lr = 1.5e-3
     config.log_every_steps = 50
     config.checkpoint_every_steps = 300
