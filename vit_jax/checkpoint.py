@@ -86,7 +86,8 @@ def load_params(path: str) -> tuple[str, dict]:
     raise ValueError(f'init.path {path!r} does not exist.')
   if os.path.isfile(path):
     return interop.load_checkpoint_file(path)
-  state_dir = _find_state_dir(path)
+  # Orbax reads no metadata from a relative folder (and then restores nothing).
+  state_dir = _find_state_dir(os.path.abspath(path))
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(state_dir).item_metadata.tree
   if 'params' not in tree:

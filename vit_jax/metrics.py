@@ -87,13 +87,16 @@ def _head_flops(model) -> int:
     flops += 2 * width * width + 2 * tokens * width * 2 * width  # q; k and v
     flops += 2 * 2 * tokens * width + 2 * width * width  # scores, values; out
     flops += 2 * 2 * width * model.mlp_dim
-  features = width
   if model.representation_size:
     flops += 2 * width * model.representation_size
-    features = model.representation_size
   if model.num_classes:
-    flops += 2 * features * model.num_classes
+    flops += 2 * _head_features(model) * model.num_classes
   return flops
+
+
+def _head_features(model) -> int:
+  """Inputs of a ViT's `head`: the pre-logits if any, else the width."""
+  return model.representation_size or model.width
 
 
 def forward_flops(model) -> int:
@@ -124,10 +127,11 @@ def forward_flops(model) -> int:
 def train_flops(model, objective: str) -> int:
   """Training FLOPs for one example: 3x forward (backward = 2x forward).
 
-  A linear probe stops gradients below the head: forward plus twice the head.
+  A linear probe stops gradients just below its head: the forward pass, plus the head's
+  weight gradient (no gradient flows to its input).
   """
   if objective == 'linear_probe':
-    return forward_flops(model) + 2 * _head_flops(model)
+    return forward_flops(model) + 2 * _head_features(model) * model.num_classes
   return 3 * forward_flops(model)
 
 
@@ -135,12 +139,23 @@ def step_flops(compiled, model, objective: str, global_batch_size: int, *,
                accumulation: bool, num_devices: int) -> tuple[float, str]:
   """(FLOPs of one training step on all devices, where the count comes from) for MFU.
 
-  XLA's count of the compiled step where it is exact; it counts the body of a loop once,
-  so with scanned blocks or accumulated micro-batches the count by hand is used instead.
+  XLA's count of the compiled step where it sees the model's FLOPs and no more; the
+  count by hand where it would not: it counts the body of a loop once (scanned blocks,
+  accumulated micro-batches), counts rematerialised forward passes again, and counts
+  nothing for cuDNN's fused attention.
   """
-  if model.scan or accumulation:
+  hidden = []
+  if model.scan:
+    hidden.append('scan')
+  if accumulation:
+    hidden.append('gradient accumulation')
+  if model.remat_policy != 'none':
+    hidden.append('remat')
+  if models.layers.use_cudnn_attention(model.dtype, model.width // model.num_heads):
+    hidden.append('cuDNN attention')
+  if hidden:
     return (float(train_flops(model, objective) * global_batch_size),
-            'counted by hand: XLA counts a scanned or accumulated loop body once')
+            f'counted by hand: XLA miscounts a step with {" and ".join(hidden)}')
   return compiled_flops(compiled) * num_devices, "XLA's count of the compiled step"
 
 
