@@ -17,11 +17,13 @@ import numpy as np
 
 from vit_jax import models
 
-# Dense peak FLOP/s per chip for the compute dtype, from the datasheets.
+# Dense peak FLOP/s per chip for the compute dtype, from the datasheets (H100 and H200:
+# the SXM parts). float32 on these GPUs is the TF32 tensor-core peak: XLA's default
+# matmul precision runs float32 matmuls in TF32 there.
 PEAK_FLOPS = {
-    ('H100', 'bfloat16'): 989e12, ('H100', 'float32'): 67e12,
-    ('H200', 'bfloat16'): 989e12, ('H200', 'float32'): 67e12,
-    ('A100', 'bfloat16'): 312e12, ('A100', 'float32'): 19.5e12,
+    ('H100', 'bfloat16'): 989e12, ('H100', 'float32'): 494e12,
+    ('H200', 'bfloat16'): 989e12, ('H200', 'float32'): 494e12,
+    ('A100', 'bfloat16'): 312e12, ('A100', 'float32'): 156e12,
     ('TPU v4', 'bfloat16'): 275e12, ('TPU v5 lite', 'bfloat16'): 197e12,
     ('TPU v5p', 'bfloat16'): 459e12, ('TPU v6 lite', 'bfloat16'): 918e12,
 }
