@@ -229,6 +229,29 @@ def expect_error_before_compiling(monkeypatch, config, tmp_path, match):
     run_in_process(config, tmp_path)
 
 
+@pytest.mark.slow
+def test_the_main_job_never_imports_tensorflow(tmp_path):
+  """Preparing the demo data, training, evaluating and saving: TensorFlow stays out.
+
+  A stand-in `tensorflow` package first on the path records any import of it, even one
+  that a library would catch and recover from.
+  """
+  fake = tmp_path / 'fake' / 'tensorflow'
+  fake.mkdir(parents=True)
+  marker = tmp_path / 'tensorflow_was_imported'
+  (fake / '__init__.py').write_text(
+      f'import traceback\nopen({str(marker)!r}, "w").write("".join(traceback.format_stack()))\n'
+      'raise ImportError("stand-in tensorflow of test_main.py")\n')
+  env = env8(str(tmp_path / 'tfds'))  # empty: the demo dataset is prepared in this run
+  env['PYTHONPATH'] = os.pathsep.join([str(fake.parent), ROOT])
+  result = subprocess.run(
+      main_command('mae_pretrain.py:demo', tmp_path / 'run', tiny_flags(None, total_steps=2)),
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(losses(tmp_path / 'run')) == 2
+  assert not marker.exists(), f'TensorFlow was imported from:\n{marker.read_text()}'
+
+
 def test_bad_input_is_refused_before_compiling(monkeypatch, tmp_path, data_dir):
   config = demo_config('vit_scratch', data_dir)
   config.model_name = 'ViT-Q/4'

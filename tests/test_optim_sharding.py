@@ -178,7 +178,7 @@ def test_lars_follows_mae_util_lars_order():
     params = optax.apply_updates(params, updates)
     for name, weight in expected['head'].items():
       update = np.asarray(grads['head'][name])
-      if weight.ndim > 1:  # biases and norms: no weight decay, no trust ratio
+      if weight.ndim > 1:  # kernels only: biases and norms get neither decay nor trust ratio
         update = update + 0.1 * weight
         update = update * 0.001 * np.linalg.norm(weight) / np.linalg.norm(update)
       momentum['head'][name] = 0.9 * momentum['head'][name] + update

@@ -1,7 +1,6 @@
 """The training step under sharding, gradient accumulation and checkpoints across meshes."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -172,7 +172,8 @@ class MetricWriter:
       return
     if resume_step is not None and os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
+        kept = [line for line in f if (step := _step_of(line)) is not None
+                and step <= resume_step]
       with open(self.path, 'w') as f:
         f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel

@@ -136,6 +136,11 @@ def resample_posemb(posemb: np.ndarray, new_grid: tuple[int, int], *,
   return out[0] if squeeze else out
 
 
+def take_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """x: (batch, tokens, width), ids: (batch, k) -> (batch, k, width), a gather per example."""
+  return jnp.take_along_axis(x, ids[..., None], axis=1)
+
+
 class PatchEmbedding(nn.Module):
   """Linear projection of non-overlapping patches, stored as a (p, p, C, D) conv kernel.
 
@@ -161,7 +166,7 @@ class PatchEmbedding(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.width,), jnp.float32)
     patches = patchify(images.astype(self.dtype), p)
     if ids_keep is not None:
-      patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
+      patches = take_tokens(patches, ids_keep)
     kernel = kernel.reshape(p * p * channels, self.width).astype(self.dtype)
     return patches @ kernel + bias.astype(self.dtype)
 

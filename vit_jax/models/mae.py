@@ -43,11 +43,6 @@ def random_masking(noise: jax.Array, mask_ratio: float):
   return ids_shuffle[:, :num_keep], ids_restore, mask
 
 
-def take_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
-  """x: (batch, tokens, width), ids: (batch, k) -> (batch, k, width), a gather per example."""
-  return jnp.take_along_axis(x, ids[..., None], axis=1)
-
-
 def masked_patch_loss(pred, target, mask, norm_pix_loss: bool):
   """Mean squared error per patch, averaged over removed patches (mask == 1) only.
 
@@ -162,7 +157,7 @@ class MAE(nn.Module):
     patches = jnp.concatenate(
         [x[:, 1:], jnp.broadcast_to(mask_token.astype(dtype), (batch, num_masked,
                                                                self.decoder_width))], axis=1)
-    patches = take_tokens(patches, ids_restore)
+    patches = layers.take_tokens(patches, ids_restore)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = self._trunk('Decoder', width_heads_mlp_depth=(self.decoder_num_heads,
                                                       self.decoder_mlp_dim, self.decoder_depth),
