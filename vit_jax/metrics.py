@@ -229,7 +229,9 @@ class Progress:
     step_time = seconds / steps
     return {'perf/images_per_sec': self.global_batch_size / step_time,
             'perf/step_time': step_time,
-            'perf/mfu': self.flops_per_step / step_time / self.peak_flops}
+            'perf/mfu': self.flops_per_step / step_time / self.peak_flops,
+            # Constant within a run; with `step` it gives the compute spent so far.
+            'perf/flops_per_step': self.flops_per_step}
 
   def line(self, step: int, scalars: dict) -> str:
     parts = [f'step {step}/{self.total_steps}']

@@ -1,0 +1,309 @@
+"""Sweeps: grid expansion and names, stages, skipping and resuming, the report, the
+power-law fit, the cluster launch lines, bad sweep files, and one real sweep end to end."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vit_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MAE = f'{ROOT}/configs/mae_pretrain.py:demo'
+DEMO_FT = f'{ROOT}/configs/mae_finetune.py:demo'
+
+
+def test_product_and_zip_expand_in_order():
+  grid = sweep.product(sweep.zipped({'model.width': [32, 64], 'model.depth': [1, 2]}),
+                       {'seed': [0, 1]})
+  assert grid == [{'model.width': 32, 'model.depth': 1, 'seed': 0},
+                  {'model.width': 32, 'model.depth': 1, 'seed': 1},
+                  {'model.width': 64, 'model.depth': 2, 'seed': 0},
+                  {'model.width': 64, 'model.depth': 2, 'seed': 1}]
+  assert len(sweep.product({'a': [1, 2, 3], 'b': [4, 5]})) == 6
+  with pytest.raises(ValueError, match='different lengths'):
+    sweep.zipped({'a': [1, 2], 'b': [1]})
+  with pytest.raises(ValueError, match="'a' must be a list"):
+    sweep.product({'a': 0.5})
+
+
+def test_member_names_are_readable_stable_and_filesystem_safe(tmp_path):
+  stage = sweep.Stage('pretrain', DEMO_MAE, grid=sweep.product(
+      {'model_name': ['MAE-mu/4'], 'model.mask_ratio': [0.75, 0.9], 'data.crop_scale': [(0.2, 1.0)],
+       'seed': [1]}))
+  names = [m.name for m in sweep.expand(sweep.Sweep([stage]), str(tmp_path))]
+  assert names == ['model_name=MAE-mu_4,mask_ratio=0.75,crop_scale=0.2_1,seed=1',
+                   'model_name=MAE-mu_4,mask_ratio=0.9,crop_scale=0.2_1,seed=1']
+  # The same key's last part under two parents: the full keys tell them apart.
+  assert sweep.key_labels(['model.width', 'data.width', 'seed']) == {
+      'model.width': 'model.width', 'data.width': 'data.width', 'seed': 'seed'}
+  single = sweep.expand(sweep.Sweep([sweep.Stage('only', DEMO_MAE)]), str(tmp_path))
+  assert [m.workdir for m in single] == [str(tmp_path / 'only' / 'base')]
+
+
+def test_stages_start_from_their_siblings_and_inherit_the_seed(tmp_path):
+  pretrain = sweep.Stage('pretrain', DEMO_MAE, grid=sweep.product(
+      {'model.mask_ratio': [0.5, 0.75], 'seed': [0, 1]}))
+  finetune = sweep.Stage('finetune', DEMO_FT, grid=sweep.product({'optim.base_lr': [1e-3]}),
+                         init_from='pretrain')
+  members = sweep.expand(sweep.Sweep([pretrain, finetune]), str(tmp_path))
+  assert [m.stage.name for m in members] == ['pretrain'] * 4 + ['finetune'] * 4
+  child = members[5]
+  assert child.parent is members[1]
+  assert child.name == 'mask_ratio=0.5,seed=1,base_lr=0.001'
+  assert child.overrides == {'optim.base_lr': 1e-3, 'seed': 1,
+                             'init.path': str(tmp_path / 'pretrain' / 'mask_ratio=0.5,seed=1')}
+  assert 'model.mask_ratio' not in child.overrides  # a pretraining key, not the classifier's
+  assert child.command()[:5] == ['python', '-m', 'vit_jax.main', f'--config={DEMO_FT}',
+                                 f'--workdir={child.workdir}']
+  assert '--config.optim.base_lr=0.001' in child.command()
+
+
+def test_a_stage_naming_a_missing_or_later_sibling_is_refused(tmp_path):
+  finetune = sweep.Stage('finetune', DEMO_FT, init_from='pretrain')
+  with pytest.raises(ValueError, match=r"init_from='pretrain' is not a stage of this sweep"):
+    sweep.expand(sweep.Sweep([finetune]), str(tmp_path))
+  with pytest.raises(ValueError, match=r"init_from='pretrain' comes after it"):
+    sweep.expand(sweep.Sweep([finetune, sweep.Stage('pretrain', DEMO_MAE)]), str(tmp_path))
+
+
+def test_an_unknown_or_mistyped_key_is_named_before_anything_runs(tmp_path):
+  bad = sweep.Stage('pretrain', DEMO_MAE, grid=[{'optim.base_lrr': 1e-3}])
+  (member,) = sweep.expand(sweep.Sweep([bad]), str(tmp_path))
+  with pytest.raises(ValueError, match=r"'optim.base_lrr' is not a key of .*mae_pretrain.py:demo"):
+    sweep.member_config(member)
+  mistyped = sweep.Stage('pretrain', DEMO_MAE, grid=[{'optim.base_lr': 'fast'}])
+  (member,) = sweep.expand(sweep.Sweep([mistyped]), str(tmp_path))
+  with pytest.raises(ValueError, match=r"optim.base_lr='fast' does not fit"):
+    sweep.member_config(member)
+  good = sweep.Stage('pretrain', DEMO_MAE, grid=[{'optim.base_lr': 1e-3, 'data.crop_scale': [0.3, 1]}])
+  (member,) = sweep.expand(sweep.Sweep([good]), str(tmp_path))
+  config = sweep.member_config(member)
+  assert config.optim.base_lr == 1e-3 and config.data.crop_scale == (0.3, 1)
+
+
+def _write_run(workdir, *, steps, evals, flops_per_step=1e9, step_time=0.5, batch=256):
+  """A member's workdir as the loop leaves it: train rows every 10 steps, eval rows."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for step in range(10, steps + 1, 10):
+      f.write(json.dumps({'step': step, 'train/loss': 3.0 / step,
+                          'perf/images_per_sec': batch / step_time, 'perf/step_time': step_time,
+                          'perf/flops_per_step': flops_per_step}) + '\n')
+    for step, top1, loss in evals:
+      f.write(json.dumps({'step': step, 'eval/top1': top1, 'eval/loss': loss,
+                          'eval/count': 1000.0}) + '\n')
+
+
+def test_report_tables_hold_the_runs_numbers_and_seed_statistics(tmp_path):
+  stage = sweep.Stage('train', DEMO_FT, grid=sweep.product({'optim.base_lr': [1e-3, 3e-3],
+                                                            'seed': [0, 1]}))
+  spec = sweep.Sweep([stage], title='lr')
+  members = sweep.expand(spec, str(tmp_path))
+  tops = {(1e-3, 0): 0.80, (1e-3, 1): 0.84, (3e-3, 0): 0.70, (3e-3, 1): 0.74}
+  for m in members:
+    top1 = tops[(m.values['optim.base_lr'], m.values['seed'])]
+    _write_run(m.workdir, steps=100, evals=[(50, top1 + 0.05, 0.5), (100, top1, 0.6)])
+  # The last member stopped at step 60 of 100.
+  _write_run(members[-1].workdir, steps=60, evals=[(50, 0.6, 0.9)])
+  with open(os.path.join(members[0].workdir, sweep.RECORD), 'w') as f:
+    json.dump({'attempts': [{'seconds': 30.0}, {'seconds': 12.5}]}, f)
+  steps = {m.label: 100 for m in members}
+
+  written = sweep.report(spec, members, steps, str(tmp_path))
+  rows = {(r['optim.base_lr'], r['seed']): r for r in written['rows']}
+  first = rows[(1e-3, 0)]
+  assert first['status'] == 'done' and first['steps'] == 100
+  assert first['last_eval/top1'] == pytest.approx(0.80)
+  assert first['best_eval/top1'] == pytest.approx(0.85)
+  assert first['best_eval/loss'] == pytest.approx(0.5)
+  assert first['final_train_loss'] == pytest.approx(0.03)
+  assert first['train_flops'] == pytest.approx(100e9)
+  assert first['train_seconds'] == pytest.approx(50.0)  # 100 steps of 0.5 s
+  assert first['images_per_sec'] == pytest.approx(512.0)
+  assert first['wall_clock_s'] == pytest.approx(42.5)
+  assert rows[(3e-3, 1)]['status'] == 'unfinished' and rows[(3e-3, 1)]['steps'] == 60
+
+  with open(tmp_path / 'results.csv') as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == 4 and float(csv_rows[1]['last_eval/top1']) == pytest.approx(0.84)
+  text = (tmp_path / 'results.md').read_text()
+  assert '3 of 4 runs finished.' in text
+  # Mean and std over the two seeds of lr 1e-3; lr 3e-3 has one finished seed.
+  agg = {a['optim.base_lr']: a for a in sweep.aggregate_seeds(written['rows'],
+                                                              ['optim.base_lr', 'seed'])}
+  assert agg[1e-3]['seeds'] == 2
+  assert agg[1e-3]['last_eval/top1 mean'] == pytest.approx(0.82)
+  assert agg[1e-3]['last_eval/top1 std'] == pytest.approx(np.std([0.80, 0.84], ddof=1))
+  assert agg[3e-3]['seeds'] == 1 and agg[3e-3]['last_eval/top1 mean'] == pytest.approx(0.70)
+  assert '| 0.0010 | 2 | 0.8200 | 0.0283 |' in text
+  assert os.path.exists(tmp_path / 'train_base_lr.png')
+
+
+def test_power_law_fit_recovers_a_known_exponent():
+  compute = np.geomspace(1e12, 1e16, 9)
+  loss = 40.0 * compute ** -0.12
+  fit = sweep.fit_power_law(compute, loss)
+  assert fit['exponent'] == pytest.approx(-0.12, abs=1e-9)
+  assert fit['a'] == pytest.approx(40.0, rel=1e-6)
+  assert fit['r2'] == pytest.approx(1.0)
+  noisy = loss * np.exp(np.random.default_rng(0).normal(0, 0.02, loss.shape))
+  fit = sweep.fit_power_law(compute, noisy)
+  assert fit['exponent'] == pytest.approx(-0.12, abs=0.01) and 0.95 < fit['r2'] < 1.0
+
+
+def test_frontier_keeps_points_better_than_every_cheaper_one():
+  points = [(1, 5.0), (2, 4.0), (3, 4.5), (4, 3.0), (5, 3.5), (6, 2.0)]
+  assert sweep.frontier(points) == [(1, 5.0), (2, 4.0), (4, 3.0), (6, 2.0)]
+
+
+def test_scaling_report_draws_the_fit_of_the_frontier(tmp_path):
+  stage = sweep.Stage('scratch', DEMO_FT, grid=sweep.product(
+      {'model.width': [32, 64], 'num_epochs': [1.0, 2.0, 4.0]}))
+  spec = sweep.Sweep([stage], scaling='model.width')
+  members = sweep.expand(spec, str(tmp_path))
+  for m in members:
+    width, epochs = m.values['model.width'], m.values['num_epochs']
+    flops = width * 1e9
+    compute = flops * 100 * epochs
+    _write_run(m.workdir, steps=int(100 * epochs), flops_per_step=flops,
+               evals=[(int(100 * epochs), 0.9, 2e3 * compute ** -0.25)])
+  written = sweep.report(spec, members, {m.label: int(100 * m.values['num_epochs'])
+                                         for m in members}, str(tmp_path))
+  fit = written['fits']['scratch']
+  assert fit['exponent'] == pytest.approx(-0.25, abs=1e-6) and fit['r2'] == pytest.approx(1.0)
+  assert os.path.exists(tmp_path / 'scratch_scaling.png')
+  assert 'C^-0.250' in (tmp_path / 'results.md').read_text()
+
+
+def test_rerun_skips_finished_members_and_runs_the_rest_parents_first(tmp_path, monkeypatch):
+  pretrain = sweep.Stage('pretrain', DEMO_MAE, grid=sweep.product({'seed': [0, 1]}))
+  finetune = sweep.Stage('finetune', DEMO_FT, init_from='pretrain')
+  members = sweep.expand(sweep.Sweep([pretrain, finetune]), str(tmp_path))
+  steps = {m.label: 100 for m in members}
+  _write_run(members[0].workdir, steps=100, evals=[(100, 0.5, 1.0)])  # finished
+  _write_run(members[1].workdir, steps=40, evals=[])  # interrupted at step 40
+  ran = []
+
+  def fake_run(member):
+    ran.append(member.label)
+    if member.name == 'seed=0' and member.stage.name == 'finetune':
+      return False, 'Error: something broke'
+    _write_run(member.workdir, steps=100, evals=[(100, 0.5, 1.0)])
+    return True, 'ok'
+
+  monkeypatch.setattr(sweep, 'run_member', fake_run)
+  lines = []
+  failures = sweep.run(members, steps, log=lines.append)
+  assert ran == ['pretrain/seed=1', 'finetune/seed=0', 'finetune/seed=1']
+  assert lines[0] == '1 of 4 members finished; running 3.'
+  assert failures == ['finetune/seed=0: Error: something broke']
+  ran.clear()
+  assert sweep.run(members, steps, log=lines.append) == ['finetune/seed=0: Error: something broke']
+  assert ran == ['finetune/seed=0']
+
+
+def test_a_child_of_an_unfinished_parent_is_not_run(tmp_path, monkeypatch):
+  members = sweep.expand(sweep.Sweep([sweep.Stage('pretrain', DEMO_MAE),
+                                      sweep.Stage('finetune', DEMO_FT, init_from='pretrain')]),
+                         str(tmp_path))
+  monkeypatch.setattr(sweep, 'run_member', lambda m: (False, 'Error: out of memory'))
+  failures = sweep.run(members, {m.label: 10 for m in members}, log=lambda _: None)
+  assert failures == ['pretrain/base: Error: out of memory',
+                      'finetune/base: not run: its parent pretrain/base did not finish']
+
+
+def test_launch_print_gives_slurm_arrays_and_tpu_lines_in_dependency_order(tmp_path):
+  pretrain = sweep.Stage('pretrain', DEMO_MAE, grid=sweep.product({'model.mask_ratio': [0.5, 0.75]}))
+  probe = sweep.Stage('probe', f'{ROOT}/configs/linear_probe.py:demo', init_from='pretrain')
+  text = sweep.launch_lines(sweep.expand(sweep.Sweep([pretrain, probe]), 'runs/x'))
+  lines = text.splitlines()
+  assert lines.count('#SBATCH --array=0-1') == 2
+  assert text.index('#SBATCH --job-name=pretrain') < text.index('#SBATCH --job-name=probe')
+  assert '--dependency=afterok:$previous' in text
+  assert ('  1) srun python -m vit_jax.main --config=' + DEMO_MAE +
+          " --workdir=runs/x/pretrain/mask_ratio=0.75 --config.model.mask_ratio=0.75 ;;") in lines
+  gcloud = [line for line in lines if line.startswith('gcloud compute tpus tpu-vm ssh')]
+  assert len(gcloud) == 4 and all('--worker=all' in line for line in gcloud)
+  assert 'init.path=runs/x/pretrain/mask_ratio=0.5' in gcloud[2]
+  # The script is valid bash.
+  script = tmp_path / 'launch.sh'
+  script.write_text(text)
+  subprocess.run(['bash', '-n', str(script)], check=True)
+
+
+SWEEP_FILE = '''
+from vit_jax import sweep
+TINY = {{'model.width': 32, 'model.depth': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
+        'total_steps': 4, 'global_batch_size': 32, 'eval_batch_size': 64,
+        'data.eval_split': 'test[:128]', 'log_every_steps': 2, 'checkpoint_every_steps': 2,
+        'optim.warmup_epochs': 0.0}}
+DECODER = {{'model.decoder_width': 16, 'model.decoder_depth': 1, 'model.decoder_num_heads': 2,
+           'model.decoder_mlp_dim': 32, 'reconstructions': 0}}
+
+def get_sweep():
+  return sweep.Sweep(stages=[
+      sweep.Stage('pretrain', '{mae}', overrides=TINY | DECODER,
+                  grid=sweep.product({{'optim.base_lr': [1e-3]}})),
+      sweep.Stage('finetune', '{ft}', overrides=TINY, grid=sweep.product({{'model.num_heads': {heads}}}),
+                  init_from='pretrain')])
+'''
+
+
+def _sweep(tmp_path, heads, *extra):
+  path = tmp_path / f'sweep_{len(heads)}.py'
+  path.write_text(SWEEP_FILE.format(mae=DEMO_MAE, ft=DEMO_FT, heads=heads))
+  return subprocess.run([sys.executable, '-m', 'vit_jax.sweep', f'--sweep={path}',
+                         f'--workdir={tmp_path / "runs"}', *extra],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds')))
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_end_to_end_with_a_failing_member_then_rerun(tmp_path):
+  # Fine-tuning with 3 heads fails (they do not divide width 32); the other runs go on.
+  first = _sweep(tmp_path, [2, 3])
+  assert first.returncode == 1, first.stdout + first.stderr
+  assert '0 of 3 members finished; running 3.' in first.stdout
+  assert 'finetune/base_lr=0.001,num_heads=3: FAILED: Error:' in first.stdout
+  assert '1 run(s) failed' in first.stderr
+  root = tmp_path / 'runs'
+  with open(root / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['stage'], r['model.num_heads'], r['status'], r['steps']) for r in rows] == [
+      ('pretrain', '', 'done', '4'), ('finetune', '2', 'done', '4'),
+      ('finetune', '3', 'failed', '0')]
+  assert 0 < float(rows[1]['last_eval/top1']) and float(rows[0]['last_eval/loss']) > 0
+  finetune_log = (root / 'finetune' / 'base_lr=0.001,num_heads=2' / 'log.txt').read_text()
+  assert 'Initialised from' in finetune_log and 'pretrain/base_lr=0.001' in finetune_log
+  report = (root / 'results.md').read_text()
+
+  # Again: the finished runs are skipped, the failing one is tried again, and the
+  # report is rebuilt the same.
+  again = _sweep(tmp_path, [2, 3])
+  assert again.returncode == 1
+  assert '2 of 3 members finished; running 1.' in again.stdout
+  assert (root / 'results.md').read_text() == report
+
+
+def test_bad_sweep_files_give_one_error_line(tmp_path):
+  unknown = tmp_path / 'unknown.py'
+  unknown.write_text(SWEEP_FILE.format(mae=DEMO_MAE, ft=DEMO_FT, heads=[2]).replace(
+      "'total_steps'", "'total_stepz'"))
+  missing = tmp_path / 'missing.py'
+  missing.write_text('from vit_jax import sweep\ndef get_sweep():\n  return sweep.Sweep('
+                     f"[sweep.Stage('ft', '{DEMO_FT}', init_from='pretrain')])\n")
+  for path, message in ((unknown, "Error: Stage 'pretrain': 'total_stepz' is not a key of"),
+                        (missing, "Error: Stage 'ft': init_from='pretrain' is not a stage"),
+                        (tmp_path / 'nope.py', 'Error: --sweep=')):
+    result = subprocess.run([sys.executable, '-m', 'vit_jax.sweep', f'--sweep={path}',
+                             f'--workdir={tmp_path / "runs"}'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'runs').exists()
