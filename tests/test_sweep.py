@@ -4,8 +4,11 @@ power-law fit, the cluster launch lines, bad sweep files, and one real sweep end
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -307,3 +310,30 @@ def test_bad_sweep_files_give_one_error_line(tmp_path):
     assert result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'runs').exists()
+
+
+def test_sigterm_stops_the_sweep_after_the_run_saved(tmp_path, monkeypatch):
+  """A preemption of the sweep reaches the running member (which saves and exits 0, as
+  vit_jax.main does) and stops the sweep instead of going on to the next member."""
+  (member,) = sweep.expand(sweep.Sweep([sweep.Stage('pretrain', DEMO_MAE)]), str(tmp_path))
+  child = ('import signal, sys, time\n'
+           'signal.signal(signal.SIGTERM, lambda *_: (print("saved"), sys.exit(0)))\n'
+           'print("ready", flush=True)\n'
+           'time.sleep(60)\n')
+  monkeypatch.setattr(sweep.Member, 'command', lambda self, python='python': [python, '-c', child])
+  log = tmp_path / 'pretrain' / 'base' / 'log.txt'
+
+  def preempt():
+    deadline = time.time() + 30
+    while time.time() < deadline and not (log.exists() and 'ready' in log.read_text().splitlines()):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=preempt, daemon=True).start()
+  start = time.time()
+  with pytest.raises(sweep._Stop):  # pylint: disable=protected-access
+    sweep.run_member(member)
+  assert time.time() - start < 30
+  assert 'saved' in log.read_text().splitlines()
+  record = json.loads((tmp_path / 'pretrain' / 'base' / sweep.RECORD).read_text())
+  assert record['attempts'][-1]['returncode'] == 0

@@ -307,6 +307,17 @@ def _error_line(log_path: str) -> str:
   return (errors or lines or ['(no output)'])[-1]
 
 
+def machine() -> str:
+  """The CPU, its cores and the JAX version, for the record of where a run ran."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  cpu = 'unknown CPU'
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                 cpu)
+  return f'{cpu}, {os.cpu_count()} cores, jax {metadata.version("jax")}'
+
+
 class _Stop(Exception):
   pass
 
@@ -323,20 +334,27 @@ def run_member(member: Member) -> tuple[bool, str]:
     out.write(f'\n$ {shlex.join(command)}\n')
     out.flush()
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+    stopping = []
+
+    def stop(*_):  # SIGTERM or Ctrl-C: the run saves its step and exits, then so do we
+      stopping.append(True)
+      process.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-      returncode = process.wait()
-    except KeyboardInterrupt:
-      process.send_signal(signal.SIGTERM)  # the run saves its step and exits
-      process.wait()
-      raise _Stop() from None
+      try:
+        returncode = process.wait()
+      except KeyboardInterrupt:
+        stop()
+        returncode = process.wait()
     finally:
       signal.signal(signal.SIGTERM, previous)
   seconds = time.time() - start
-  record['attempts'].append({'start': start, 'seconds': seconds, 'returncode': returncode})
+  record['attempts'].append({'start': start, 'seconds': seconds, 'returncode': returncode,
+                             'machine': machine()})
   with open(os.path.join(member.workdir, RECORD), 'w') as f:
     json.dump(record, f, indent=1)
-  if returncode < 0 or returncode == 143:
+  if stopping or returncode < 0:
     raise _Stop()
   if returncode:
     return False, f'{_error_line(log_path)} (exit {returncode}; log: {log_path})'
@@ -491,6 +509,12 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
               command, '```', '']
   done = sum(r['status'] == 'done' for r in rows)
   lines += [f'{done} of {len(rows)} runs finished.', '']
+  records = [a for m in members for a in _record(m.workdir)['attempts']]
+  machines = sorted({a['machine'] for a in records if 'machine' in a})
+  if done:
+    hours = sum(r.get('wall_clock_s', 0.0) for r in rows) / 3600
+    lines += [f'Wall-clock of the finished runs: {hours:.2f} h, one run after another, on '
+              f'{"; ".join(machines) or "a machine not recorded"}.', '']
   plots = []
   for stage in sweep.stages:
     stage_rows = [r for r in rows if r['stage'] == stage.name]
