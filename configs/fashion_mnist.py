@@ -54,8 +54,6 @@ def get_config(arg=None):
   config.checkpoint_every_steps = 200
   config.log_every_steps = 50
   if arg.variant == 'mae':
-    # The keys the studies sweep, written out (the demo takes the rest from MAE-mu/4).
-    config.model.update(dict(mask_ratio=0.75))
     return config
   config.eval_every_steps = TRAIN_EXAMPLES // config.global_batch_size  # about every epoch
   if arg.variant == 'scratch':

@@ -41,7 +41,7 @@ def get_config(arg=None):
   if arg.variant == 'demo':
     config.model_name = 'MAE-mu/4'
     config.model.update(config_utils.DEMO_ENCODER | config_utils.DEMO_DECODER |
-                        dict(norm_pix_loss=True))
+                        dict(norm_pix_loss=True, mask_ratio=0.75))
     config_utils.use_demo_data(config)
     config.num_epochs = 16
     config.optim.warmup_epochs = 2
@@ -52,6 +52,7 @@ def get_config(arg=None):
 
   config.model_name = f'MAE-{arg.model}'
   config.model.norm_pix_loss = True
+  config.model.mask_ratio = 0.75  # the paper's choice (Fig. 5); swept by configs/sweeps/
   config_utils.use_dataset(config, arg.data, imagenet_preprocessing=True)
   config.global_batch_size = 4096
   config.eval_batch_size = 1024

@@ -310,6 +310,12 @@ def test_bad_sweep_files_give_one_error_line(tmp_path):
     assert result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'runs').exists()
+  # --launch=print checks the keys too: a cluster job must not be the first to find them.
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.sweep', f'--sweep={unknown}',
+                           f'--workdir={tmp_path / "runs"}', '--launch=print'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and result.stdout == ''
+  assert "'total_stepz' is not a key of" in result.stderr
 
 
 def test_sigterm_stops_the_sweep_after_the_run_saved(tmp_path, monkeypatch):
@@ -337,3 +343,18 @@ def test_sigterm_stops_the_sweep_after_the_run_saved(tmp_path, monkeypatch):
   assert 'saved' in log.read_text().splitlines()
   record = json.loads((tmp_path / 'pretrain' / 'base' / sweep.RECORD).read_text())
   assert record['attempts'][-1]['returncode'] == 0
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs', 'sweeps')) if f.endswith('.py')))
+def test_shipped_sweep_files_expand_to_valid_configs(name, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  members = sweep.expand(sweep.load_sweep(f'configs/sweeps/{name}.py'), f'runs/{name}')
+  assert len(members) >= 2
+  for member in members:
+    config = sweep.member_config(member)
+    for key, value in member.overrides.items():
+      node = config
+      for part in key.split('.'):
+        node = node[part]
+      assert node == (tuple(value) if isinstance(value, list) else value)

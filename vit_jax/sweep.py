@@ -654,6 +654,8 @@ def main(argv) -> int:
   command = shlex.join(['python', '-m', 'vit_jax.sweep', f'--sweep={sweep_path}',
                         f'--workdir={root}'])
   if flags.FLAGS.launch == 'print':
+    for member in members:  # the keys, without the dataset (it is on the cluster)
+      member_config(member)
     print(launch_lines(members))
     return 0
   steps = check(members)  # every member's config, before anything runs
