@@ -589,6 +589,7 @@ def plot_scaling(rows: list[dict], size_key: str, path: str, title: str) -> dict
   """Eval loss against training FLOPs, log-log: one curve per model size, the frontier
   and the power law fitted to it. Returns the fit."""
   plt = _pyplot()
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
   sizes = sorted({r[size_key] for r in rows})
   for i, size in enumerate(sizes):
@@ -605,6 +606,11 @@ def plot_scaling(rows: list[dict], size_key: str, path: str, title: str) -> dict
             label=f'{fit["a"]:.3g} C^{fit["exponent"]:.3f} (R\u00b2 {fit["r2"]:.2f})')
   ax.set_xscale('log')
   ax.set_yscale('log')
+  # Losses span less than a decade: label the y ticks as plain numbers, and only the
+  # x axis's powers of ten.
+  ax.yaxis.set_major_formatter(ticker.FormatStrFormatter('%.2g'))
+  ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter('%.2g'))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.set_xlabel('training compute (FLOPs)')
   ax.set_ylabel('eval loss')
   ax.set_title(title)
