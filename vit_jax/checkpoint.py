@@ -38,9 +38,8 @@ class CheckpointFailure(RuntimeError):
 
 def _reason(error: BaseException) -> str:
   """One line for an error that Orbax or TensorStore raised, often long and nested."""
-  lines = [l.strip() for l in str(error).splitlines() if l.strip()] or [type(error).__name__]
-  text = lines[0]
-  return f'{type(error).__name__}: {text[:300]}'
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f'{type(error).__name__}: {lines[0][:300] if lines else "(no message)"}'
 
 
 class Checkpointer:
@@ -60,6 +59,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'),
                                          options=options)
     self._pending = None  # step of a save not yet known to have succeeded
+    self._failed = False  # a failed save was reported
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -87,10 +87,16 @@ class Checkpointer:
     self._pending = None
 
   def close(self) -> None:
+    """Waits for the last save; after a failure already reported, only releases Orbax."""
     try:
-      self.wait()
+      if not self._failed:
+        self.wait()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
   def _surface_failure(self, call, *args, **kwargs):
     try:
@@ -98,7 +104,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if self._pending is None:
         raise
-      step, self._pending = self._pending, None
+      step, self._pending, self._failed = self._pending, None, True
       self.manager.reload()
       good = self.manager.all_steps()
       raise CheckpointFailure(

@@ -144,13 +144,24 @@ class _ReportedElsewhere(std_logging.Filter):
                 and (record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname))
 
 
-def _quiet_excepthook(hook):
-  """TensorStore's callbacks print 'Event loop is closed' tracebacks when Orbax has
-  already given up on a failed save or restore; the failure itself is reported."""
-  def quiet(kind, value, traceback):
-    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
-      hook(kind, value, traceback)
-  return quiet
+def _is_closed_loop_error(error) -> bool:
+  """TensorStore's callbacks raise this, once per pending write, into the event loop of a
+  save or restore that Orbax has already given up on; the failure itself is reported."""
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _quiet_hooks() -> None:
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, traceback):
+    if not _is_closed_loop_error(value):
+      excepthook(kind, value, traceback)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_closed_loop_error(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def main(argv):
@@ -160,7 +171,7 @@ def main(argv):
     # Orbax and TFDS log every save and read at INFO; the progress line is ours to print.
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_ReportedElsewhere())
-    sys.excepthook = _quiet_excepthook(sys.excepthook)
+    _quiet_hooks()
   initialize_distributed()
   from vit_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel
   try:

@@ -277,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = steps.init()
     if initial:
       state = load_initial_params(config, model, state, steps, initial, progress_print)
+  del initial  # the host copy of init.path's arrays
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
 
   # ------------------------------------------------------------------------- the loop
