@@ -209,8 +209,9 @@ def test_a_full_disk_gives_one_line_and_more_space_resumes_exactly(
   assert len(errors) == 1, result.stderr[-3000:]
   # Which save overflows depends on when Orbax deletes the oldest checkpoint.
   found = re.fullmatch(
-      rf'Error: Saving checkpoint (\d+) to {workdir}/checkpoints failed \(.*(No space left on '
-      rf'device|RESOURCE_EXHAUSTED).*\); (\d+\.\d) MiB free in the workdir {workdir}\. Stopped: .* The last good '
+      rf'Error: Saving checkpoint (\d+) to {workdir}/checkpoints failed \(.*'
+      r'(?:No space left on device|RESOURCE_EXHAUSTED).*\); '
+      rf'(\d+\.\d) MiB free in the workdir {workdir}\. Stopped: .* The last good '
       r'checkpoint is step (\d+); .*', errors[0])
   assert found, errors[0]
   failed, free, good = int(found[1]), float(found[2]), int(found[3])
