@@ -46,7 +46,7 @@ def main(argv):
                             source_dir=_SOURCE_DIR.value, manual_dir=_MANUAL_DIR.value)
   except (FileNotFoundError, ModuleNotFoundError, ValueError, AssertionError) as e:
     # TFDS says what is missing (a manual download, TensorFlow, a folder): say only that.
-    sys.exit(f'prepare_dataset.py --dataset={config.name}: {e}')
+    sys.exit(f'Error: prepare_dataset.py --dataset={config.name}: {" ".join(str(e).split())}')
   info = data.dataset_info(config)
   print(f'{config.name}: prepared in {path}')
   print(f'  splits {info.num_examples}, {info.num_classes} classes, image shape {info.image_shape}')

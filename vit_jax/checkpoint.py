@@ -5,17 +5,41 @@ A workdir's `checkpoints/<step>/` holds two items:
          model_state holds BatchNorm statistics where a model has them);
   data:  the input iterator's state (JSON), so that a resumed run reads the batches an
          uninterrupted run would have read.
-Saves are asynchronous: training continues while the arrays are written.
+Saves are asynchronous: training continues while the arrays are written; a save that
+fails (a full disk) stops the run at once with one line, keeping the last good checkpoint.
+
+Resuming takes the newest checkpoint that reads back. A newer one that does not (a
+truncated or overwritten array file, empty metadata) is moved to
+`workdir/checkpoints_skipped/<step>` with a one-line warning, so that nothing is lost and
+the step can be written again; Orbax ignores (and removes) a save that never finished.
 """
 
 import os
+import re
+import shutil
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from vit_jax import interop
+
+SKIPPED_DIR = 'checkpoints_skipped'
+
+
+class CheckpointFailure(RuntimeError):
+  """A checkpoint cannot be written, or none can be read back; the message is one line
+  that says what to do."""
+
+
+def _reason(error: BaseException) -> str:
+  """One line for an error that Orbax or TensorStore raised, often long and nested."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f'{type(error).__name__}: {lines[0][:300] if lines else "(no message)"}'
 
 
 class Checkpointer:
@@ -28,17 +52,67 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True)
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    # Listed before the manager removes them, to say which save never finished.
+    self.unfinished = _unfinished_saves(self.directory)
     self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'),
                                          options=options)
+    self._pending = None  # step of a save not yet known to have succeeded
+    self._failed = False  # a failed save was reported
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict) -> None:
-    """Starts an asynchronous save of `state` and `data_state` at `step`."""
-    self.manager.save(step, args=ocp.args.Composite(
+    """Starts an asynchronous save of `state` and `data_state` at `step`.
+
+    Raises CheckpointFailure if the previous save failed."""
+    self._surface_failure(self.manager.save, step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    self._pending = step
+
+  def check(self) -> None:
+    """Raises CheckpointFailure if a background save has failed; never waits for one.
+
+    One process only: with several, each could see the save end at another step, so
+    there a failure surfaces at the next save, the same step on every process."""
+    if self._pending is None or jax.process_count() > 1:
+      return
+    if not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    self._surface_failure(self.manager.wait_until_finished)
+    self._pending = None
+
+  def close(self) -> None:
+    """Waits for the last save; after a failure already reported, only releases Orbax."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
+
+  def _surface_failure(self, call, *args, **kwargs):
+    try:
+      return call(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      if self._pending is None:
+        raise
+      step, self._pending, self._failed = self._pending, None, True
+      self.manager.reload()
+      good = self.manager.all_steps()
+      raise CheckpointFailure(
+          f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); '
+          f'{_free_space(self.workdir)} free in the workdir {self.workdir}. Stopped: '
+          f'nothing after this is saved. The last good checkpoint is step '
+          f'{max(good) if good else None}; free space (or move the workdir) and run the same '
+          'command to resume from it.') from None
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).
@@ -50,12 +124,77 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def restore_latest(self, abstract_state, *, restart_from_scratch: bool = False, log=print):
+    """(step, state, data_state) of the newest checkpoint that reads back, or None.
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    Newer ones that fail are moved to checkpoints_skipped/, each with a warning line.
+    When every checkpoint fails, raises CheckpointFailure and moves nothing, unless
+    `restart_from_scratch` (then all are moved aside and None is returned).
+    """
+    for name in self.unfinished:
+      log(f'Warning: skipped {self.directory}/{name}: a save that never finished '
+          '(the process died while writing it); Orbax removes it.')
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+        error = None
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if not _all_processes_succeeded(error is None):
+        failed.append((step, _reason(error) if error else 'it failed to read on another process'))
+        continue
+      self._set_aside(failed, log)
+      return step, state, data_state
+    if failed and not restart_from_scratch:
+      raise CheckpointFailure(
+          f'No checkpoint in {self.directory} reads back: '
+          + '; '.join(f'step {s}: {why}' for s, why in failed)
+          + '. Nothing was changed. Rerun with --restart_from_scratch to train from step 0 '
+          f'in this workdir (the checkpoints are moved to {SKIPPED_DIR}/), or use another '
+          '--workdir.')
+    self._set_aside(failed, log)
+    return None
+
+  def _set_aside(self, failed, log) -> None:
+    """Moves failed step folders to workdir/checkpoints_skipped/ (kept for inspection)."""
+    if not failed:
+      return
+    if jax.process_index() == 0:
+      skipped = epath.Path(self.workdir) / SKIPPED_DIR
+      skipped.mkdir(parents=True, exist_ok=True)
+      for step, why in failed:
+        target = skipped / str(step)
+        if target.exists():
+          target = skipped / f'{step}.{time.strftime("%Y%m%d-%H%M%S")}'
+        (epath.Path(self.directory) / str(step)).rename(target)
+        log(f'Warning: skipped checkpoint {self.directory}/{step} ({why}); moved it to '
+            f'{target}.')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('vit_jax:checkpoints_set_aside')
+    self.manager.reload()
+
+
+def _all_processes_succeeded(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _unfinished_saves(directory: str) -> list[str]:
+  """Names of temporary step folders that Orbax left behind (a save cut short)."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return []
+  names = [p.name for p in path.iterdir() if re.fullmatch(r'\d+\.orbax-checkpoint-tmp.*', p.name)]
+  return sorted(names, key=lambda n: int(n.split('.')[0]))
+
+
+def _free_space(path: str) -> str:
+  try:
+    return f'{shutil.disk_usage(path).free / 2**20:.1f} MiB'
+  except OSError:  # not a local file system (gs://)
+    return 'unknown space'
 
 
 def _find_state_dir(path: str) -> str:
@@ -97,3 +236,25 @@ def load_params(path: str) -> tuple[str, dict]:
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=True))
   return f'orbax:{state_dir}', restored['params']
+
+
+def check_initial_params(init_config, model, abstract_params) -> tuple[str, dict]:
+  """Reads init.path and fits it to the model's parameter shapes, before anything compiles.
+
+  Returns (source, params) for `train.load_initial_params`; raises a one-line ValueError
+  when the file is not a checkpoint or does not fit (shapes, missing or extra names).
+  """
+  try:
+    source, loaded = load_params(init_config.path)
+  except ValueError:  # already one line that names the path
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'init.path={init_config.path!r} is not a checkpoint that vit_jax reads '
+                     f'({_reason(e)}); give a training workdir, an Orbax folder or a '
+                     '.npz/.safetensors/.pth file.') from None
+  stand_in = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params)
+  interop.fit_params(loaded, stand_in, reinit=tuple(init_config.reinit),
+                     allow_missing=tuple(init_config.allow_missing),
+                     ignore_unexpected=tuple(init_config.ignore_unexpected),
+                     new_grid=getattr(model, 'grid', None), source=init_config.path)
+  return source, loaded

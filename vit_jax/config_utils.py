@@ -10,6 +10,9 @@ import ml_collections
 from vit_jax import data, optim
 
 
+VARIANTS = ('demo',)  # the bare words a config file's :ARG accepts
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'model=B/16,data=imagenet2012' -> ConfigDict; a bare word 'demo' -> variant='demo'.
 
@@ -20,6 +23,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition('=')
     if not sep:
       key, value = 'variant', key
+      if value not in VARIANTS:
+        raise ValueError(f'Unknown config argument {value!r} in {arg!r}: a bare word names a '
+                         f'variant, one of {VARIANTS}; other arguments are key=value with '
+                         f'keys {sorted(k for k in defaults if k != "variant")}.')
     if key not in defaults:
       raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
     default = defaults[key]

@@ -3,7 +3,14 @@ r"""Command line: train and evaluate a model from a config file.
   python -m vit_jax.main --config=configs/mae_pretrain.py:demo --workdir=runs/mae_demo \
       [--config.global_batch_size=128 ...]
 
-Running the same command again resumes from the last checkpoint in the workdir.
+Running the same command again resumes from the last checkpoint in the workdir that reads
+back; a newer one that does not (a truncated file, an unfinished save) is moved to
+`workdir/checkpoints_skipped/` with a warning. When none reads back the run stops, unless
+--restart_from_scratch says to train from step 0 in that workdir.
+
+Bad input (an unknown config key, config file or `:ARG`, a dataset that is not prepared,
+a checkpoint that does not fit, a failed save) ends the run with one `Error:` line that
+names the value and the fix, and exit status 1 (2 for the command line itself).
 
 Several processes (a TPU pod, a GPU cluster, or several processes on one machine):
   * TPU pods and SLURM jobs are detected by `jax.distributed.initialize()`;
@@ -12,14 +19,21 @@ Several processes (a TPU pod, a GPU cluster, or several processes on one machine
     VIT_JAX_PROCESS_ID); scripts/launch_local.py does this for N local processes.
 """
 
+import difflib
+import importlib.util
+import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Unlocked while the command line is parsed so that --config.model.FIELD works for every
+# field get_model accepts, set in the config file or not; _checked_config then refuses any
+# other new key and locks the config.
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, with :ARG.',
-                                          lock_config=True)
+                                          lock_config=False, accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and checkpoints go.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', os.environ.get('VIT_JAX_COORDINATOR'),
                                    'HOST:PORT of process 0, for multi-process runs.')
@@ -29,6 +43,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes',
 _PROCESS_ID = flags.DEFINE_integer('process_id',
                                    int(os.environ.get('VIT_JAX_PROCESS_ID', -1)),
                                    'This process, 0 .. num_processes - 1.')
+_RESTART = flags.DEFINE_bool('restart_from_scratch', False,
+                             'Train from step 0 in a workdir whose checkpoints all fail to '
+                             'read back (they are moved to checkpoints_skipped/).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -59,21 +76,113 @@ def _is_cluster() -> bool:
   return bool(hosts) and ',' in hosts
 
 
+def _flatten(config, prefix=''):
+  for key, value in config.items():
+    if hasattr(value, 'items') and prefix + key != 'model':
+      yield from _flatten(value, f'{prefix}{key}.')
+    else:
+      yield prefix + key
+
+
+def _checked_config():
+  """The parsed config, locked; a key the config file does not have is refused (only
+  config.model takes new keys: get_model checks them against the model's fields)."""
+  path = flags.FLAGS['config'].config_filename
+  file, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location('vit_jax_config_file', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  fresh = module.get_config(*([arg] if arg else []))
+  config = _CONFIG.value
+  known = set(_flatten(fresh))
+  for key in sorted(set(_flatten(config)) - known):
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f'did you mean --config.{close[0]}?' if close else (
+        f'the keys are those of {path.split(":")[0]} and config_utils.base_config()')
+    raise ValueError(f'--config.{key}: {path} has no such key; {hint}')
+  config.lock()
+  return config
+
+
+def _one_line(error: BaseException) -> str:
+  """The message of a command-line error without the tracebacks that absl and
+  ml_collections wrap around it."""
+  message = str(error).strip()
+  if 'Traceback (most recent call last)' in message:  # a config file's get_config raised
+    message = message.splitlines()[-1]
+    message = re.sub(r'^[\w.]*(Error|Exception): ', '', message)
+  message = message.replace('Error whilst parsing config file:', '').strip()
+  return ' '.join(message.split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one `Error:` line (exit status 2) instead of a traceback
+  for an unknown --config key, a missing config file or a `:ARG` it refuses."""
+  try:
+    for arg in argv[1:]:
+      if arg.startswith(('--config=', '-config=')):
+        path = arg.split('=', 1)[1]
+        if not os.path.isfile(path.split(':', 1)[0]):
+          raise ValueError(f'--config={path}: there is no file {path.split(":", 1)[0]!r}; '
+                           'give a config file such as configs/vit_scratch.py:demo.')
+    remaining = flags.FLAGS(argv)
+    if flags.FLAGS['config'].present:
+      _checked_config()
+    return remaining
+  except (flags.Error, OSError, KeyError, AttributeError, TypeError, ValueError) as e:
+    print(f'Error: {_one_line(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
+class _ReportedElsewhere(std_logging.Filter):
+  """Drops the tracebacks that Orbax and asyncio log for each failed write of a failed
+  save or restore (hundreds of lines for one full disk): vit_jax.checkpoint reports the
+  failure in one line, and --verbosity=0 shows them all."""
+
+  def filter(self, record):
+    return not (record.levelno >= std_logging.ERROR
+                and (record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname))
+
+
+def _is_closed_loop_error(error) -> bool:
+  """TensorStore's callbacks raise this, once per pending write, into the event loop of a
+  save or restore that Orbax has already given up on; the failure itself is reported."""
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _quiet_hooks() -> None:
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, traceback):
+    if not _is_closed_loop_error(value):
+      excepthook(kind, value, traceback)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_closed_loop_error(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     # Orbax and TFDS log every save and read at INFO; the progress line is ours to print.
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_ReportedElsewhere())
+    _quiet_hooks()
   initialize_distributed()
-  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  from vit_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FloatingPointError) as e:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             restart_from_scratch=_RESTART.value)
+  except (ValueError, FloatingPointError, data.MissingDatasetError,
+          checkpoint.CheckpointFailure) as e:
     # Bad input is reported in one line, without a traceback through JAX internals.
-    print(f'Error: {e}', file=sys.stderr)
+    print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

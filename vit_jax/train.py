@@ -213,8 +213,12 @@ def build_steps(config, model, objective, mesh, schedule) -> Steps:
       abstract_state=abstract_state, state_shardings=state_shardings)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains and evaluates as the config says; resumes from workdir. Returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart_from_scratch: bool = False) -> dict:
+  """Trains and evaluates as the config says; resumes from workdir. Returns final metrics.
+
+  `restart_from_scratch`: start at step 0 when the workdir's checkpoints all fail to read
+  back (without it that is an error; see checkpoint.Checkpointer.restore_latest)."""
   # ---------------------------------------------------------------- checks and set-up
   # Everything that can be wrong with the config is found here, before any compile.
   check_loop_keys(config)
@@ -225,22 +229,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_micro_batches(config, mesh)
   data.ensure_prepared(config.data)
   info = data.dataset_info(config.data)
-  for split in ('train_split', 'eval_split'):
-    try:
-      info.split_size(config.data[split])
-    except (KeyError, ValueError) as e:
-      raise ValueError(f'data.{split}={config.data[split]!r} is not a split of '
-                       f'{config.data.name!r} ({e}).') from None
   model = models.get_model(config.model_name, **{
       **objective.model_overrides(info.num_classes), **config.model})
+  data.check_dataset(config.data, info, image_size=model.image_size, channels=model.channels)
   total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
-  os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
 
   # ------------------------------------------- model, optimizer and sharded train state
   schedule = optim.learning_rate(config.optim, config.global_batch_size, total_steps,
                                  steps_per_epoch)
   steps = build_steps(config, model, objective, mesh, schedule)
+  initial = None  # init.path: read and checked against the model before any compile
+  if config.init.path:
+    initial = checkpoint.check_initial_params(config.init, model, steps.abstract_state['params'])
+  os.makedirs(workdir, exist_ok=True)  # only now: bad input leaves the workdir as it was
+  write_config(config, workdir)
 
   def evaluate(state) -> dict:
     results = {}
@@ -263,17 +265,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                    mesh=mesh, image_size=model.image_size,
                                    channels=model.channels, seed=config.seed)
-  start_step = checkpoints.latest_step()
   progress_print = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  if start_step is not None:
-    state, data_state = checkpoints.restore(start_step, steps.abstract_state)
+  restored = checkpoints.restore_latest(steps.abstract_state, log=progress_print,
+                                        restart_from_scratch=restart_from_scratch)
+  if restored:
+    start_step, state, data_state = restored
     train_iter.set_state(data_state)
     progress_print(f'Resumed from {checkpoints.directory}/{start_step}.')
   else:
     start_step = 0
     state = steps.init()
-    if config.init.path:
-      state = load_initial_params(config, model, state, steps, progress_print)
+    if initial:
+      state = load_initial_params(config, model, state, steps, initial, progress_print)
+  del initial  # the host copy of init.path's arrays
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
 
   # ------------------------------------------------------------------------- the loop
@@ -320,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if pending:
           summarize_train(pending, checkpoints.latest_step())  # never save a NaN state
         checkpoints.save(step, state, train_iter.get_state())
+      checkpoints.check()  # a failed background save stops the run here, at once
       if stop and not is_last:
         checkpoints.wait()
         progress.print(f'SIGTERM: saved step {step} to {checkpoints.directory}; exiting. '
@@ -372,9 +377,10 @@ def summarize_train(pending, last_checkpoint) -> dict:
   return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
-def load_initial_params(config, model, state, steps: Steps, log):
-  """Replaces freshly initialised parameters with those of config.init.path, adapted."""
-  source, loaded = checkpoint.load_params(config.init.path)
+def load_initial_params(config, model, state, steps: Steps, initial, log):
+  """Replaces freshly initialised parameters with `initial` = (source, params) of
+  config.init.path (checkpoint.check_initial_params), adapted."""
+  source, loaded = initial
   # Gathered, not device_get: with FSDP across hosts no process holds every shard.
   fresh, model_state = multihost_utils.process_allgather(
       (state['params'], state['model_state']), tiled=True)

@@ -27,8 +27,8 @@ from vit_jax.data.datasets import DEMO_DATASET, DatasetInfo, MissingDatasetError
 from vit_jax.data.pipeline import EvalIterable, TrainIterator
 
 __all__ = ['DEMO_DATASET', 'DatasetInfo', 'EvalIterable', 'MissingDatasetError',
-           'TrainIterator', 'dataset_info', 'default_data_config', 'ensure_prepared',
-           'eval_iterator', 'train_iterator']
+           'TrainIterator', 'check_dataset', 'dataset_info', 'default_data_config',
+           'ensure_prepared', 'eval_iterator', 'train_iterator']
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -83,5 +83,6 @@ def dataset_info(data_config) -> DatasetInfo:
   return datasets.read_info(data_config)
 
 
+check_dataset = datasets.check_dataset
 train_iterator = pipeline.train_iterator
 eval_iterator = pipeline.eval_iterator

@@ -166,6 +166,9 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 # Top-level folders with these names hold splits, each with its own class subfolders.
 SPLIT_FOLDER_NAMES = ('train', 'val', 'validation', 'test')
 _GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+# Transparent pixels are composited onto this colour at preparation (PNG, GIF, WebP with
+# alpha); the colour stored under a transparent pixel is arbitrary, often black.
+BACKGROUND = (255, 255, 255)
 
 
 def image_folder_config_name(source_dir: str) -> str:
@@ -185,10 +188,12 @@ class FolderLayout:
     files: {split: [(path, label), ...]} in sorted path order.
     channels: 1 if every readable image is grayscale, else 3 (grayscale ones are
       converted to RGB at preparation).
+    image_size: (height, width) when every readable image has it, else None.
   """
   class_names: tuple[str, ...]
   files: dict[str, list[tuple[str, int]]]
   channels: int
+  image_size: tuple[int, int] | None = None
 
 
 def _image_files(directory: str) -> list[str]:
@@ -206,7 +211,8 @@ def _subdirs(directory: str) -> list[str]:
 
 def scan_image_folder(source_dir: str) -> FolderLayout:
   """Lists the images of `source_dir`: ROOT/CLASS/*.jpg gives one split 'train';
-  ROOT/{train,val,test}/CLASS/*.jpg gives those splits."""
+  ROOT/{train,val,test}/CLASS/*.jpg gives those splits. A class folder without any image
+  file is refused (it would be a label that no example has)."""
   if not os.path.isdir(source_dir):
     raise FileNotFoundError(f'image_folder: {source_dir!r} is not a directory.')
   top = _subdirs(source_dir)
@@ -218,7 +224,7 @@ def scan_image_folder(source_dir: str) -> FolderLayout:
   if not class_names:
     raise ValueError(f'image_folder: {source_dir!r} has no class subfolders; expected '
                      f'{source_dir}/CLASS_NAME/IMAGE.jpg.')
-  files, modes = {}, set()
+  files, modes, sizes = {}, set(), set()
   for split, split_dir in split_dirs.items():
     files[split] = []
     for label, class_name in enumerate(class_names):
@@ -227,17 +233,26 @@ def scan_image_folder(source_dir: str) -> FolderLayout:
         try:
           with Image.open(path) as image:  # Reads the header only.
             modes.add(image.mode)
+            sizes.add((image.height, image.width))
         except Exception:  # pylint: disable=broad-except
           pass  # Unreadable: skipped, counted and named at generation.
         files[split].append((path, label))
+  empty = [name for label, name in enumerate(class_names)
+           if not any(lab == label for split_files in files.values() for _, lab in split_files)]
+  if empty:
+    raise ValueError(f'image_folder: class folder(s) {empty} of {source_dir!r} hold no image '
+                     f'file ({", ".join(IMAGE_EXTENSIONS)}); add images to them or remove '
+                     'them.')
   channels = 1 if modes and modes <= set(_GRAYSCALE_MODES) else 3
-  return FolderLayout(tuple(class_names), files, channels)
+  return FolderLayout(tuple(class_names), files, channels,
+                      sizes.pop() if len(sizes) == 1 else None)
 
 
 def encode_for_dataset(path: str, channels: int) -> bytes:
   """The bytes to store for one image file: the file itself when it is a JPEG or PNG of
-  the dataset's mode, else the image converted and re-encoded. Decodes the whole image,
-  so a truncated or corrupt file raises here, at preparation, not in training."""
+  the dataset's mode, else the image converted and re-encoded; transparent pixels are
+  composited onto BACKGROUND (white). Decodes the whole image, so a truncated or corrupt
+  file raises here, at preparation, not in training."""
   mode = 'L' if channels == 1 else 'RGB'
   with Image.open(path) as image:
     image.load()
@@ -245,7 +260,13 @@ def encode_for_dataset(path: str, channels: int) -> bytes:
       with open(path, 'rb') as f:
         return f.read()
     fmt = 'JPEG' if image.format == 'JPEG' else 'PNG'
-    converted = image.convert(mode)
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+      rgba = image.convert('RGBA')
+      flat = Image.new('RGBA', rgba.size, BACKGROUND + (255,))
+      flat.alpha_composite(rgba)
+      converted = flat.convert(mode)
+    else:
+      converted = image.convert(mode)
   buffer = io.BytesIO()
   converted.save(buffer, format=fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
   return buffer.getvalue()
@@ -260,12 +281,15 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A folder of images in class subfolders (JPEG, PNG, ...; colour or grayscale).
 
   Files are stored as they are (JPEG/PNG of the dataset's mode) so nothing is lost;
-  unreadable or corrupt files are skipped with a warning that counts and names them.
+  transparent pixels are composited onto white; unreadable or corrupt files are skipped
+  with a warning that counts and names them. When all images share one size, the image
+  feature records it, and training can compare it with the model's.
   """
 
   name = 'image_folder'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Encoded images, class labels and file names.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Encoded images, class labels and file names.',
+                   '1.1.0': 'Alpha composited onto white; a common image size is recorded.'}
 
   def __init__(self, *, source_dir: str, **kwargs):
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
@@ -277,7 +301,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self):
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, self._layout.channels)),
+            'image': tfds.features.Image(shape=(*(self._layout.image_size or (None, None)),
+                                                self._layout.channels)),
             'label': tfds.features.ClassLabel(names=self._layout.class_names),
             'file_name': tfds.features.Text(),
         }),

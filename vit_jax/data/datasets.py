@@ -17,6 +17,7 @@ import shlex
 from typing import Any, Optional, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from vit_jax.data import builders
 
@@ -117,6 +118,16 @@ def _resolve(data_config) -> _Resolved:
   """The builder that reads the dataset. One of ours must be prepared (else
   MissingDatasetError); a TFDS name resolves to its builder even before preparation, which
   lets tfds.testing.mock_data stand in for the files."""
+  # TFDS logs a warning for each half-prepared folder it meets; our error names the folder.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    return _resolve_builder(data_config)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
+def _resolve_builder(data_config) -> _Resolved:
   name, data_dir = data_config.name, data_dir_of(data_config)
   if name in _OUR_BUILDERS:
     path = _our_builder_path(name, data_dir, _source_dir_of(data_config))
@@ -189,6 +200,35 @@ def read_info(data_config) -> DatasetInfo:
       name=data_config.name, path=resolved.path, num_classes=num_classes,
       num_examples={name: int(split.num_examples) for name, split in info.splits.items()},
       image_shape=image_shape, class_names=class_names, _splits=info.splits)
+
+
+def check_dataset(data_config, info: DatasetInfo, *, image_size: int, channels: int) -> None:
+  """Refuses splits the dataset lacks and colour images fed to a grayscale model, with
+  the fix in the message; notes a stored image size that the model resizes."""
+  for key in ('train_split', 'eval_split'):
+    split = data_config[key]
+    try:
+      info.split_size(split)
+    except (KeyError, ValueError) as e:
+      fix = ''
+      if set(info.num_examples) == {'train'}:
+        fix = (" It has one split, 'train' (an image folder without train/ and test/ "
+               "subfolders): hold out a fraction with --config.data.train_split='train[:90%]' "
+               "--config.data.eval_split='train[90%:]' (examples are stored in a shuffled "
+               'order, so both slices hold every class), or make ROOT/train/CLASS/ and '
+               'ROOT/test/CLASS/ folders and prepare again.')
+      raise ValueError(f'data.{key}={split!r} is not a split of {data_config.name!r} '
+                       f'({" ".join(str(e).split())}).{fix}') from None
+  height, width, stored_channels = info.image_shape
+  if stored_channels == 3 and channels == 1:
+    raise ValueError(f'{data_config.name!r} holds colour images (3 channels) but the model '
+                     'takes channels=1, which would train on them as grayscale; pass '
+                     '--config.model.channels=3 (and data.mean/data.std with one value or '
+                     'three).')
+  if height and width and (height, width) != (image_size, image_size):
+    print(f'Note: {data_config.name!r} stores {height}x{width} images and the model takes '
+          f'{image_size}x{image_size}: they are resized (--config.model.image_size='
+          f'{height} trains at the stored size).')
 
 
 @contextlib.contextmanager

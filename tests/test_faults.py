@@ -1,0 +1,386 @@
+"""Faults a long run meets and bad input a new user types, each injected and its outcome
+asserted: a corrupt or unfinished newest checkpoint, no usable checkpoint, a full disk
+during a save, unknown keys and files on the command line, image folders as users make
+them. The README's claims about bad input are tested here.
+"""
+
+import errno
+import io
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_main import ROOT, demo_config, env8, losses, main_command, tiny_flags
+from vit_jax import checkpoint, data, train
+from vit_jax.data import builders, datasets
+
+TOTAL_STEPS = 8
+
+
+def fault_config(data_dir):
+  """A tiny MAE that saves every 2 steps and keeps 2 checkpoints (6 and 8 at the end); the
+  same run as FAULT_FLAGS on the command line."""
+  config = demo_config('mae_pretrain', data_dir, total_steps=TOTAL_STEPS)
+  config.global_batch_size = 32
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 2
+  config.reconstructions = 0
+  return config
+
+
+FAULT_FLAGS = tiny_flags(None, total_steps=TOTAL_STEPS) + [
+    '--config.keep_checkpoints=2', '--config.reconstructions=0']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, data_dir):
+  """An uninterrupted run: its workdir (checkpoints 6 and 8) and its losses."""
+  workdir = tmp_path_factory.mktemp('straight') / 'run'
+  result = train.train_and_evaluate(fault_config(data_dir), str(workdir))
+  assert result['step'] == TOTAL_STEPS
+  expected = losses(workdir)
+  assert sorted(expected) == list(range(1, TOTAL_STEPS + 1))
+  return workdir, expected
+
+
+def copy_of(straight_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight_run[0], workdir)
+  return workdir
+
+
+def largest_array_file(step_dir):
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / 'state')
+           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  return max(files, key=os.path.getsize)
+
+
+def truncate_array_file(step_dir):
+  path = largest_array_file(step_dir)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def random_bytes_in_array_file(step_dir):
+  path = largest_array_file(step_dir)
+  noise = np.random.default_rng(0).integers(0, 256, os.path.getsize(path), dtype=np.uint8)
+  with open(path, 'wb') as f:
+    f.write(noise.tobytes())
+
+
+def empty_data_metadata(step_dir):
+  open(step_dir / 'data' / 'metadata', 'w').close()
+
+
+def half_written_state_metadata(step_dir):
+  path = step_dir / 'state' / '_METADATA'
+  text = path.read_bytes()
+  path.write_bytes(text[:len(text) // 2])
+
+
+def tree(directory):
+  return sorted((os.path.relpath(root, directory), sorted(names))
+                for root, _, names in os.walk(directory))
+
+
+@pytest.mark.parametrize('corrupt', [truncate_array_file, random_bytes_in_array_file,
+                                     empty_data_metadata, half_written_state_metadata])
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_run_resumes_exactly(
+    corrupt, straight, data_dir, tmp_path, capsys):
+  workdir = copy_of(straight, tmp_path)
+  corrupt(workdir / 'checkpoints' / str(TOTAL_STEPS))
+  capsys.readouterr()
+  result = train.train_and_evaluate(fault_config(data_dir), str(workdir))
+  output = capsys.readouterr().out
+  warnings = [line for line in output.splitlines() if line.startswith('Warning:')]
+  assert len(warnings) == 1, output
+  assert f'skipped checkpoint {workdir}/checkpoints/{TOTAL_STEPS} (' in warnings[0]
+  assert f'moved it to {workdir}/checkpoints_skipped/{TOTAL_STEPS}' in warnings[0]
+  assert f'Resumed from {workdir}/checkpoints/6.' in output
+  assert result['step'] == TOTAL_STEPS
+  # Steps 7 and 8 were trained again, and their losses are those of the uninterrupted run.
+  assert losses(workdir) == straight[1]
+  assert sorted(os.listdir(workdir / 'checkpoints_skipped')) == [str(TOTAL_STEPS)]
+  assert {'6', '8'} <= set(os.listdir(workdir / 'checkpoints'))
+
+
+def test_an_unfinished_save_is_named_and_the_previous_checkpoint_resumes(
+    straight, data_dir, tmp_path, capsys):
+  workdir = copy_of(straight, tmp_path)
+  # What a process killed while writing leaves: Orbax's temporary folder of the step.
+  os.rename(workdir / 'checkpoints' / '8', workdir / 'checkpoints' / '8.orbax-checkpoint-tmp')
+  capsys.readouterr()
+  train.train_and_evaluate(fault_config(data_dir), str(workdir))
+  output = capsys.readouterr().out
+  warnings = [line for line in output.splitlines() if line.startswith('Warning:')]
+  assert warnings == [f'Warning: skipped {workdir}/checkpoints/8.orbax-checkpoint-tmp: a save '
+                      'that never finished (the process died while writing it); Orbax '
+                      'removes it.']
+  assert f'Resumed from {workdir}/checkpoints/6.' in output
+  assert losses(workdir) == straight[1]
+
+
+def test_no_usable_checkpoint_stops_until_told_to_restart(straight, data_dir, tmp_path):
+  workdir = copy_of(straight, tmp_path)
+  truncate_array_file(workdir / 'checkpoints' / '6')
+  empty_data_metadata(workdir / 'checkpoints' / '8')
+  before = tree(workdir)
+  with pytest.raises(checkpoint.CheckpointFailure) as error:
+    train.train_and_evaluate(fault_config(data_dir), str(workdir))
+  message = str(error.value)
+  assert '\n' not in message
+  assert f'No checkpoint in {workdir}/checkpoints reads back: step 8: ' in message
+  assert '; step 6: ' in message and '--restart_from_scratch' in message
+  assert tree(workdir) == before  # nothing moved, nothing written
+  result = train.train_and_evaluate(fault_config(data_dir), str(workdir),
+                                    restart_from_scratch=True)
+  assert result['step'] == TOTAL_STEPS
+  assert sorted(os.listdir(workdir / 'checkpoints_skipped')) == ['6', '8']
+  assert losses(workdir) == straight[1]  # from step 0, the same run again
+
+
+def fail_saves_of_step(monkeypatch, step):
+  """Makes the background part of the save of `step` fail as a full disk does."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self, *args, **kwargs):
+    if os.path.basename(os.fspath(self.get_final())) == str(step):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return await original(self, *args, **kwargs)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', finalize)
+
+
+def test_a_failed_save_stops_the_run_at_once_and_a_rerun_resumes_exactly(
+    straight, data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  with monkeypatch.context() as patch:
+    fail_saves_of_step(patch, 4)
+    with pytest.raises(checkpoint.CheckpointFailure) as error:
+      train.train_and_evaluate(fault_config(data_dir), str(workdir))
+  message = str(error.value)
+  assert message.startswith(f'Saving checkpoint 4 to {workdir}/checkpoints failed (OSError: '
+                            '[Errno 28] No space left on device); ')
+  assert f'MiB free in the workdir {workdir}.' in message
+  assert 'The last good checkpoint is step 2;' in message
+  # Saves are asynchronous, so steps 5 and 6 may have run while step 4 was being written;
+  # the run stopped at the latest when step 6's save began, and saved nothing after 2.
+  assert 4 <= max(losses(workdir)) <= 6
+  assert [d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()] == ['2']
+  result = train.train_and_evaluate(fault_config(data_dir), str(workdir))
+  assert result['step'] == TOTAL_STEPS
+  assert losses(workdir) == straight[1]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+  mount_point = tmp_path / 'small_disk'
+  mount_point.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount_point)],
+                           capture_output=True, check=False).returncode == 0
+  if not mounted:
+    pytest.skip('mounting a tmpfs needs root')
+  yield mount_point
+  subprocess.run(['umount', str(mount_point)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_gives_one_line_and_more_space_resumes_exactly(
+    straight, data_dir, small_tmpfs):
+  """The real thing: a 3 MiB workdir volume fits one checkpoint of the tiny MAE, not two."""
+  workdir = small_tmpfs / 'run'
+  command = main_command('mae_pretrain.py:demo', workdir, FAULT_FLAGS)
+  result = subprocess.run(command, env=env8(data_dir), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  # Which save overflows depends on when Orbax deletes the oldest checkpoint.
+  found = re.fullmatch(
+      rf'Error: Saving checkpoint (\d+) to {workdir}/checkpoints failed \(.*'
+      r'(?:No space left on device|RESOURCE_EXHAUSTED).*\); '
+      rf'(\d+\.\d) MiB free in the workdir {workdir}\. Stopped: .* The last good '
+      r'checkpoint is step (\d+); .*', errors[0])
+  assert found, errors[0]
+  failed, free, good = int(found[1]), float(found[2]), int(found[3])
+  assert good == failed - 2 and free < 1.0
+  steps = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+  assert max(steps) == good
+  assert max(losses(workdir)) <= failed + 2  # stopped at the latest at the next save
+  subprocess.run(['mount', '-o', 'remount,size=64m', str(small_tmpfs)], check=True)
+  subprocess.run(command, env=env8(data_dir), cwd=ROOT, capture_output=True, check=True,
+                 timeout=600)
+  assert losses(workdir) == straight[1]
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_one_warning_line_on_the_command_line(straight, data_dir,
+                                                                      tmp_path):
+  workdir = copy_of(straight, tmp_path)
+  truncate_array_file(workdir / 'checkpoints' / '8')
+  command = main_command('mae_pretrain.py:demo', workdir, FAULT_FLAGS)
+  result = subprocess.run(command, env=env8(data_dir), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  assert 'Traceback' not in output, output[-3000:]
+  assert [line for line in output.splitlines() if 'Warning' in line or 'Error' in line] == [
+      line for line in result.stdout.splitlines() if line.startswith('Warning: skipped checkpoint')]
+  assert len([line for line in result.stdout.splitlines() if line.startswith('Warning:')]) == 1
+  assert losses(workdir) == straight[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input on the command line: exit status, one `Error:` line, no traceback, and the
+# workdir left as it was.
+
+BAD_COMMAND_LINES = [
+    ('vit_scratch.py:demo', ['--config.nonexistent=1'], 2,
+     '--config.nonexistent: configs/vit_scratch.py:demo has no such key;'),
+    ('vit_scratch.py:demo', ['--config.data.nme=x'], 2,
+     'did you mean --config.data.name?'),
+    ('vit_scratch.py:demo', ['--config.model.nonexistent=1'], 1,
+     "unknown model field(s) ['nonexistent']"),
+    ('no_such_file.py:demo', [], 2, "there is no file '"),
+    ('vit_scratch.py:bogus', [], 2, "Unknown config argument 'bogus'"),
+    ('vit_scratch.py:demo', ['--config.data.name=image_folder',
+                             '--config.data.source_dir=/nonexistent/photos'], 1,
+     "Dataset 'image_folder' is not prepared in data_dir"),
+    ('vit_scratch.py', [], 1, "Dataset 'imagenet2012' is not prepared"),
+    ('vit_scratch.py:demo', ['--config.init.path=/nonexistent.npz'], 1,
+     "init.path='/nonexistent.npz' does not exist"),
+    # Every field of get_model is overridable, set by the config file or not: the model
+    # is built with these two, and the run gets as far as the split check after it.
+    ('vit_scratch.py:demo', ['--config.model.drop_path=0.2', '--config.model.dtype=bfloat16',
+                             '--config.data.eval_split=nosuch'], 1,
+     "data.eval_split='nosuch' is not a split of 'fashion_mnist_t10k'"),
+]
+
+
+@pytest.mark.parametrize('config,flags,status,expected', BAD_COMMAND_LINES)
+def test_bad_command_lines_are_one_error_line(config, flags, status, expected, tmp_path,
+                                              data_dir):
+  workdir = tmp_path / 'workdir'
+  command = main_command(config, workdir, flags)
+  command[3] = command[3].replace(f'{ROOT}/configs/', 'configs/')  # as a user types it
+  result = subprocess.run(command, env=env8(data_dir), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == status, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('Error: '), result.stderr[-3000:]
+  assert expected in lines[0]
+  assert not workdir.exists()
+
+
+def test_a_checkpoint_that_is_not_one_is_refused_before_compiling(
+    straight, data_dir, tmp_path, monkeypatch):
+  not_a_checkpoint = tmp_path / 'notes'
+  not_a_checkpoint.mkdir()
+  (not_a_checkpoint / 'readme.txt').write_text('hello')
+  wrong_size = demo_config('mae_finetune', data_dir)
+  wrong_size.model.width = 48
+  not_one = demo_config('mae_finetune', data_dir)
+  not_one.init.path = str(not_a_checkpoint)
+  wrong_size.init.path = str(straight[0])
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError('the train state was set up: the error should come before')
+  monkeypatch.setattr(checkpoint, 'Checkpointer', no_compile)
+  with pytest.raises(ValueError, match='no Orbax checkpoint found'):
+    train.train_and_evaluate(not_one, str(tmp_path / 'a'))
+  with pytest.raises(ValueError, match=r'does not fit the model: shapes differ'):
+    train.train_and_evaluate(wrong_size, str(tmp_path / 'b'))
+  assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Image folders as users make them.
+
+
+def write_images(folder, classes, *, per_class=6, size=(32, 32), mode='RGB'):
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(classes):
+    os.makedirs(folder / name, exist_ok=True)
+    for i in range(per_class):
+      pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+      pixels[..., c % 3] = 250
+      Image.fromarray(pixels).convert(mode).save(folder / name / f'{i}.png')
+
+
+def folder_config(data_dir, source_dir, **overrides):
+  config = data.default_data_config()
+  config.update(dict(name='image_folder', data_dir=str(data_dir), source_dir=str(source_dir),
+                     **overrides))
+  return config
+
+
+def test_a_single_image_folder_says_how_to_hold_out_an_eval_split(tmp_path):
+  write_images(tmp_path / 'photos', ('ant', 'bee', 'cat', 'dog'), per_class=10)
+  datasets.prepare('image_folder', str(tmp_path / 'tfds'), source_dir=str(tmp_path / 'photos'))
+  config = folder_config(tmp_path / 'tfds', tmp_path / 'photos')
+  info = data.dataset_info(config)
+  with pytest.raises(ValueError) as error:
+    data.check_dataset(config, info, image_size=32, channels=3)
+  message = str(error.value)
+  assert message.startswith("data.eval_split='test' is not a split of 'image_folder'")
+  assert "--config.data.train_split='train[:90%]' --config.data.eval_split='train[90%:]'" in (
+      message)
+  # The fix it gives works, and the held-out slice mixes the classes as it says.
+  config.update(dict(train_split='train[:75%]', eval_split='train[75%:]'))
+  data.check_dataset(config, info, image_size=32, channels=3)
+  held_out = datasets.open_split(config, 'train[75%:]')
+  labels = [int(held_out.source[i]['label']) for i in range(len(held_out.source))]
+  assert len(labels) == 10 and len(set(labels)) >= 3
+
+
+def test_colour_images_into_a_grayscale_model_are_refused_and_sizes_are_noted(tmp_path,
+                                                                              capsys):
+  write_images(tmp_path / 'photos' / 'train', ('a', 'b'))
+  write_images(tmp_path / 'photos' / 'test', ('a', 'b'), per_class=2)
+  datasets.prepare('image_folder', str(tmp_path / 'tfds'), source_dir=str(tmp_path / 'photos'))
+  config = folder_config(tmp_path / 'tfds', tmp_path / 'photos')
+  info = data.dataset_info(config)
+  assert info.image_shape == (32, 32, 3)  # one size for all: recorded
+  with pytest.raises(ValueError, match=r"holds colour images \(3 channels\) but the model takes "
+                     r'channels=1.*--config.model.channels=3'):
+    data.check_dataset(config, info, image_size=28, channels=1)
+  capsys.readouterr()
+  data.check_dataset(config, info, image_size=28, channels=3)
+  assert capsys.readouterr().out.strip() == (
+      "Note: 'image_folder' stores 32x32 images and the model takes 28x28: they are resized "
+      '(--config.model.image_size=32 trains at the stored size).')
+
+
+def test_transparent_pixels_become_white(tmp_path):
+  path = tmp_path / 'icon.png'
+  pixels = np.zeros((4, 4, 4), np.uint8)
+  pixels[..., :3] = (10, 200, 30)  # colour stored under the transparent pixels
+  pixels[:2, :, 3] = 255  # top half opaque, bottom half transparent
+  pixels[2:, :, 3] = 0
+  Image.fromarray(pixels, 'RGBA').save(path)
+  decoded = np.asarray(Image.open(io.BytesIO(
+      builders.encode_for_dataset(str(path), channels=3))))
+  assert decoded.shape == (4, 4, 3)
+  assert (decoded[:2] == (10, 200, 30)).all() and (decoded[2:] == 255).all()
+  gray = np.asarray(Image.open(io.BytesIO(
+      builders.encode_for_dataset(str(path), channels=1))))
+  assert (gray[2:] == 255).all()
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+  write_images(tmp_path / 'photos', ('ant', 'bee'))
+  (tmp_path / 'photos' / 'cat').mkdir()
+  with pytest.raises(ValueError, match=r"class folder\(s\) \['cat'\] of .* hold no image file"):
+    builders.scan_image_folder(str(tmp_path / 'photos'))
