@@ -238,7 +238,12 @@ def member_config(member: Member):
       for part in parents:
         node = node[part]
       if leaf not in node:
-        raise KeyError(leaf)
+        if parents != ['model']:
+          raise KeyError(leaf)
+        # As on the command line: config.model takes any field, get_model checks it.
+        with node.unlocked():
+          node[leaf] = value
+        continue
       node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], tuple) else value
     except (KeyError, AttributeError):
       raise ValueError(f'Stage {member.stage.name!r}: {key!r} is not a key of '
