@@ -245,3 +245,33 @@ class Progress:
   def print(self, message: str) -> None:
     if self.enabled:
       print(message, file=sys.stdout, flush=True)
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of steps first..last (as counted in the progress line) on
+  process 0, into workdir/tensorboard/plugins/profile/ where TensorBoard's profile plugin
+  (tensorboard-plugin-profile) reads it."""
+
+  def __init__(self, workdir: str, steps):
+    self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
+    self.enabled = bool(steps) and jax.process_index() == 0
+    self.directory = os.path.join(workdir, 'tensorboard')
+    self.active = False
+
+  def start(self, step: int) -> None:
+    """Call before running step `step` (1 for the first step of a run)."""
+    if self.enabled and not self.active and self.first <= step <= self.last:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def stop(self, step: int, outputs) -> None:
+    """Call after step `step` with its outputs: ends the trace after the last step."""
+    if self.active and step >= self.last:
+      jax.block_until_ready(outputs)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      self.enabled = False

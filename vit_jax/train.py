@@ -46,6 +46,10 @@ def check_loop_keys(config) -> None:
   for key in ('eval_every_steps', 'keep_checkpoint_every_steps', 'total_steps'):
     if config[key] < 0:
       raise ValueError(f'{key}={config[key]} must be 0 (off) or positive.')
+  profile = tuple(config.profile_steps)
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+    raise ValueError(f'profile_steps={profile} must be () or (first, last) with '
+                     '1 <= first <= last, e.g. (10, 12).')
   for key in ('reinit', 'allow_missing', 'ignore_unexpected'):
     for pattern in config.init[key]:
       try:
@@ -294,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f'{flops_per_step / 1e9:.2f} GFLOP per step ({flops_source}), '
                  f'peak from {peak_source}.')
   preemption = Preemption()
+  profiler = metrics.StepProfiler(workdir, config.profile_steps)
   pending = []  # (step, metrics on device) since the last log
   final = {}
   step = start_step
@@ -302,9 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < total_steps:
       if batch is None:
         batch = next(train_iter)
+      profiler.start(step + 1)
       state, step_metrics = compiled_step(state, batch)
       batch = None
       step += 1
+      profiler.stop(step, step_metrics)
       pending.append((step, step_metrics))
       is_last = step == total_steps
       stop = preemption.reached(step)
@@ -337,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.objective == 'mae' and config.reconstructions:
       progress.print(f'Reconstructions: {write_reconstructions(config, model, mesh, state, workdir)}')
   finally:
+    profiler.close()
     preemption.close()
     checkpoints.close()
     writer.close()
