@@ -28,7 +28,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True)
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    # Orbax writes gs:// through tensorstore; local folders must be absolute.
+    self.directory = os.path.join(workdir if '://' in workdir else os.path.abspath(workdir),
+                                  'checkpoints')
     self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'),
                                          options=options)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vit_jax import checkpoint, data, interop, metrics, models, objectives, optim, sharding
@@ -56,7 +57,7 @@ def check_loop_keys(config) -> None:
         re.compile(pattern)
       except re.error as e:
         raise ValueError(f'init.{key}: {pattern!r} is not a regex ({e}).') from None
-  if config.init.path and not os.path.exists(config.init.path):
+  if config.init.path and not epath.Path(config.init.path).exists():
     raise ValueError(f'init.path={config.init.path!r} does not exist.')
 
 
@@ -113,14 +114,11 @@ class Preemption:
 def write_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'config.json')
+  path = epath.Path(workdir) / 'config.json'  # also gs://
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        print(f'Note: the config differs from the one in {path}; writing the new one.')
-  with open(path, 'w') as f:
-    f.write(text)
+  if path.exists() and path.read_text() != text:
+    print(f'Note: the config differs from the one in {path}; writing the new one.')
+  path.write_text(text)
 
 
 @dataclasses.dataclass
@@ -238,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.get_model(config.model_name, **{
       **objective.model_overrides(info.num_classes), **config.model})
   total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   write_config(config, workdir)
 
   # ------------------------------------------- model, optimizer and sharded train state
@@ -397,5 +395,4 @@ def load_initial_params(config, model, state, steps: Steps, log):
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / 'config.json').read_text()))
