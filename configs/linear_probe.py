@@ -9,6 +9,9 @@ batch 16384, base lr 0.1 scaled by batch/256, no weight decay, 90 epochs with 10
 warmup epochs, RandomResizedCrop and flip only. Expected (facebookresearch/mae,
 1600-epoch pretraining): 68.0% top-1 (B/16), 75.8% (L/16), 76.6% (H/14).
 
+Hardware: the official probe ran on 32 V100 GPUs; the pre-flight checks it on the
+TPUs of the paper's pretraining, 128 v3 cores (`--topology=v3:8x8`, docs/preflight.md).
+
 Demo, probing the demo MAE (configs/mae_pretrain.py:demo), 1 CPU device:
 
   python -m vit_jax.main --config=configs/linear_probe.py:demo --workdir=runs/probe_demo \

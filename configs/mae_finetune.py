@@ -11,6 +11,9 @@ layer decay 0.65 (B) / 0.75 (L, H), drop path 0.1 / 0.2 / 0.3, 100 epochs (B) / 
 smoothing 0.1. Expected (paper, from 1600-epoch pretraining): 83.6% top-1 (B/16),
 85.9% (L/16), 86.9% (H/14). Random erasing (reprob 0.25) is not implemented.
 
+Hardware: the official fine-tuning ran on 32 V100 GPUs; the pre-flight checks it on the
+TPUs of the paper's pretraining, 128 v3 cores (`--topology=v3:8x8`, docs/preflight.md).
+
 Demo, from the demo MAE (configs/mae_pretrain.py:demo), 1 CPU device:
 
   python -m vit_jax.main --config=configs/mae_finetune.py:demo --workdir=runs/ft_demo \

@@ -8,6 +8,9 @@ convention), 10k warmup steps then cosine, gradient clipping at 1.0, RandAugment
 mixup 0.2, Inception crop, zero-initialised head. Expected: 76.5% top-1 after 90 epochs
 (paper; 78.5% at 150, 80.0% at 300 epochs).
 
+Hardware of the paper: a TPU v3-8, 6-7 hours for 90 epochs (`--topology=v3:2x2` for
+python -m vit_jax.preflight, docs/preflight.md).
+
   python -m vit_jax.main --config=configs/vit_scratch.py:data=imagenet2012 \
       --workdir=runs/vit_s16
 

@@ -52,7 +52,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True)
-    self.workdir = os.path.abspath(workdir)
+    # Orbax writes gs:// through tensorstore; local folders must be absolute.
+    self.workdir = workdir if '://' in workdir else os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     # Listed before the manager removes them, to say which save never finished.
     self.unfinished = _unfinished_saves(self.directory)

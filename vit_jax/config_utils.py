@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.keep_checkpoint_every_steps = 0  # > 0: also keep every such step
+  # (first, last): a jax.profiler trace of these steps into workdir/tensorboard, for
+  # TensorBoard's profile plugin; () for none.
+  config.profile_steps = ()
   return config
 
 

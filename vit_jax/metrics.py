@@ -9,11 +9,13 @@ one uninterrupted run.
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vit_jax import models
 
@@ -166,16 +168,18 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    # Buckets (gs://) cannot append: the lines are kept and the file rewritten.
+    self.lines = [] if _is_remote(workdir) else None
     self.tensorboard = None
     if not self.enabled:
       return
-    if resume_step is not None and os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if (step := _step_of(line)) is not None
-                and step <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(kept)
+    if resume_step is not None and self.path.exists():
+      kept = [line + '\n' for line in self.path.read_text().splitlines()
+              if (step := _step_of(line)) is not None and step <= resume_step]
+      self.path.write_text(''.join(kept))
+      if self.lines is not None:
+        self.lines = kept
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -183,8 +187,13 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    line = json.dumps({'step': int(step), **scalars}) + '\n'
+    if self.lines is None:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self.lines.append(line)
+      self.path.write_text(''.join(self.lines))
     for name, value in scalars.items():
       self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
@@ -202,9 +211,12 @@ def _step_of(line: str) -> int | None:
     return None
 
 
+def _is_remote(path: str) -> bool:
+  return '://' in str(path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return [json.loads(line) for line in (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
 
 
 class Progress:
@@ -247,3 +259,43 @@ class Progress:
   def print(self, message: str) -> None:
     if self.enabled:
       print(message, file=sys.stdout, flush=True)
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of steps first..last (as counted in the progress line) on
+  process 0, into workdir/tensorboard/plugins/profile/ where TensorBoard's profile plugin
+  (tensorboard-plugin-profile) reads it."""
+
+  def __init__(self, workdir: str, steps):
+    self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
+    self.enabled = bool(steps) and jax.process_index() == 0
+    self.destination = epath.Path(workdir) / 'tensorboard'
+    # The profiler writes local files only; a gs:// workdir gets a copy when it stops.
+    self.directory = (tempfile.mkdtemp(prefix='profile') if _is_remote(workdir)
+                      else str(self.destination))
+    self.active = False
+
+  def start(self, step: int) -> None:
+    """Call before running step `step` (1 for the first step of a run)."""
+    if self.enabled and not self.active and self.first <= step <= self.last:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def stop(self, step: int, outputs) -> None:
+    """Call after step `step` with its outputs: ends the trace after the last step."""
+    if self.active and step >= self.last:
+      jax.block_until_ready(outputs)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      self.enabled = False
+      if str(self.destination) != self.directory:
+        for folder, _, files in os.walk(self.directory):
+          target = self.destination / os.path.relpath(folder, self.directory)
+          target.mkdir(parents=True, exist_ok=True)
+          for name in files:
+            with open(os.path.join(folder, name), 'rb') as f:
+              (target / name).write_bytes(f.read())

@@ -12,6 +12,11 @@ or 'opt_state/.../mu/...'), and the first rule that matches wins:
                       replicated when no dimension divides.
 
 Batches are always split over every mesh axis, so every device gets its own examples.
+
+Several TPU slices (multi-slice): the first mesh axis that the number of slices divides
+(the `data` axis by default) spans the slices, built with JAX's hybrid mesh helper, so
+that each slice holds a contiguous part of it and only that axis's collectives (the
+gradient all-reduce of data parallelism) cross the slower network between slices.
 """
 
 import re
@@ -19,6 +24,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -44,7 +50,21 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (('data', -1),), devices=None) -
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f'Mesh {list(axes)} needs {int(np.prod(sizes))} devices, '
                      f'but {len(devices)} are available.')
+  num_slices = len({getattr(d, 'slice_index', None) or 0 for d in devices})
+  if num_slices > 1:
+    return Mesh(_multi_slice_devices(sizes, devices, num_slices, axes), names)
   return Mesh(np.array(devices).reshape(sizes), names)
+
+
+def _multi_slice_devices(sizes: list[int], devices: list, num_slices: int, axes) -> np.ndarray:
+  """Devices of several slices in a mesh of `sizes`: the first axis that the number of
+  slices divides goes across them (over DCN), the rest stays within each slice (ICI)."""
+  axis = next((i for i, size in enumerate(sizes) if size % num_slices == 0), None)
+  if axis is None:
+    raise ValueError(f'Mesh {list(axes)}: no axis is divisible by the {num_slices} slices.')
+  dcn_shape = [num_slices if i == axis else 1 for i in range(len(sizes))]
+  ici_shape = [size // num_slices if i == axis else size for i, size in enumerate(sizes)]
+  return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vit_jax import checkpoint, data, interop, metrics, models, objectives, optim, sharding
@@ -46,13 +47,17 @@ def check_loop_keys(config) -> None:
   for key in ('eval_every_steps', 'keep_checkpoint_every_steps', 'total_steps'):
     if config[key] < 0:
       raise ValueError(f'{key}={config[key]} must be 0 (off) or positive.')
+  profile = tuple(config.profile_steps)
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+    raise ValueError(f'profile_steps={profile} must be () or (first, last) with '
+                     '1 <= first <= last, e.g. (10, 12).')
   for key in ('reinit', 'allow_missing', 'ignore_unexpected'):
     for pattern in config.init[key]:
       try:
         re.compile(pattern)
       except re.error as e:
         raise ValueError(f'init.{key}: {pattern!r} is not a regex ({e}).') from None
-  if config.init.path and not os.path.exists(config.init.path):
+  if config.init.path and not epath.Path(config.init.path).exists():
     raise ValueError(f'init.path={config.init.path!r} does not exist.')
 
 
@@ -109,14 +114,11 @@ class Preemption:
 def write_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'config.json')
+  path = epath.Path(workdir) / 'config.json'  # also gs://
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        print(f'Note: the config differs from the one in {path}; writing the new one.')
-  with open(path, 'w') as f:
-    f.write(text)
+  if path.exists() and path.read_text() != text:
+    print(f'Note: the config differs from the one in {path}; writing the new one.')
+  path.write_text(text)
 
 
 @dataclasses.dataclass
@@ -241,7 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   initial = None  # init.path: read and checked against the model before any compile
   if config.init.path:
     initial = checkpoint.check_initial_params(config.init, model, steps.abstract_state['params'])
-  os.makedirs(workdir, exist_ok=True)  # only now: bad input leaves the workdir as it was
+  # Only now: bad input leaves the workdir as it was.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   write_config(config, workdir)
 
   def evaluate(state) -> dict:
@@ -298,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  f'{flops_per_step / 1e9:.2f} GFLOP per step ({flops_source}), '
                  f'peak from {peak_source}.')
   preemption = Preemption()
+  profiler = metrics.StepProfiler(workdir, config.profile_steps)
   pending = []  # (step, metrics on device) since the last log
   final = {}
   step = start_step
@@ -306,9 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while step < total_steps:
       if batch is None:
         batch = next(train_iter)
+      profiler.start(step + 1)
       state, step_metrics = compiled_step(state, batch)
       batch = None
       step += 1
+      profiler.stop(step, step_metrics)
       pending.append((step, step_metrics))
       is_last = step == total_steps
       stop = preemption.reached(step)
@@ -342,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.objective == 'mae' and config.reconstructions:
       progress.print(f'Reconstructions: {write_reconstructions(config, model, mesh, state, workdir)}')
   finally:
+    profiler.close()
     preemption.close()
     checkpoints.close()
     writer.close()
@@ -395,5 +402,4 @@ def load_initial_params(config, model, state, steps: Steps, initial, log):
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / 'config.json').read_text()))

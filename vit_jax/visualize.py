@@ -4,6 +4,7 @@ reconstruction with the visible patches pasted back, one row per image."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from vit_jax.models import layers
@@ -61,5 +62,6 @@ def save_reconstructions(model, params, images, path: str, *, mean, std, seed: i
   panels = [to_uint8(x, mean, std) for x in (images, masked, reconstruction, pasted)]
   rows = [[panel[i] for panel in panels] for i in range(images.shape[0])]
   scale = max(1, 128 // images.shape[1])
-  panel_grid(rows, scale).save(path)
+  with epath.Path(path).open('wb') as f:  # also gs://
+    panel_grid(rows, scale).save(f, format='PNG')
   return path

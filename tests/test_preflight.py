@@ -1,0 +1,154 @@
+"""The pre-flight: compiling the run's steps for a TPU topology on this CPU (needs libtpu).
+
+Compiles are of tiny models (ViT-mu and MAE-mu at 32x32) and skip cleanly without
+libtpu (`pip install -r requirements-tpu.txt`; CI installs it).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip('libtpu', reason='needs libtpu (requirements-tpu.txt)')
+
+from vit_jax import metrics, models, preflight  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(kind: str, **changes):
+  """A paper config shrunk to a tiny model at 32x32 on ImageNet's (known) split sizes."""
+  if kind == 'vit':
+    config = preflight.load_config(os.path.join(ROOT, 'configs/vit_scratch.py'),
+                                   'model=mu/8,data=imagenet2012')
+    config.model.representation_size = 32
+  else:
+    config = preflight.load_config(os.path.join(ROOT, 'configs/mae_pretrain.py'),
+                                   'model=mu/8,data=imagenet2012')
+  config.model.image_size = 32
+  config.model.scan = False
+  config.global_batch_size = config.eval_batch_size = 64
+  for key, value in changes.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('topology,devices,chips', [('v5e:2x2', 4, 4), ('v3:2x2', 8, 4)])
+@pytest.mark.parametrize('kind', ['vit', 'mae'])
+def test_small_models_fit_and_report_memory(kind, topology, devices, chips):
+  report = preflight.run(tiny_config(kind), topology, estimate=False)
+  assert (report.num_devices, report.num_chips) == (devices, chips)
+  assert report.fits
+  memory = report.train_memory
+  # The arguments XLA allocates are the state and batch shards counted by shape, plus the
+  # TPU's tiling of small dimensions (this model's width of 32 is padded to 128 lanes).
+  assert sum(memory.parts.values()) <= memory.arguments < 3 * sum(memory.parts.values())
+  # Batch: 64 images of 32x32x3 float32 and their int32 labels, split over the devices.
+  assert memory.parts['batch'] == 64 * (32 * 32 * 3 * 4 + 4) // devices
+  # Data parallelism replicates the float32 parameters and AdamW's two moments.
+  tpu = preflight.tpu_slice(topology)
+  params = preflight._setup(tiny_config(kind), tpu.devices, 1000,
+                            1_281_167).steps.abstract_state['params']
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert num_params > 10_000
+  assert memory.parts['parameters'] == 4 * num_params
+  assert memory.parts['optimizer state'] == pytest.approx(2 * 4 * num_params, rel=0.01)
+  assert 0 < memory.temporaries < 2**30
+  lines = '\n'.join(report.lines())
+  assert f'fits ({report.hbm_fraction:.0%} of HBM)' in lines
+  assert f'of {preflight.CHIPS[topology.split(":")[0]].hbm_bytes / 2**30:.0f} GiB' in lines
+
+
+def test_an_oversized_batch_does_not_fit_and_exits_non_zero():
+  command = [sys.executable, '-m', 'vit_jax.preflight',
+             '--config=configs/vit_scratch.py:model=mu/8,data=imagenet2012',
+             '--topology=v5e:2x2', '--noestimate',
+             '--config.global_batch_size=262144', '--config.eval_batch_size=64']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          check=False)
+  assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+  assert 'does not fit' in result.stdout, result.stdout
+  assert 'would help: ' in result.stdout
+  assert 'compiler ran out of memory' in result.stdout
+  # 749 GiB of temporaries (the compiler's count) in 16 GiB: 64 micro-batches.
+  assert '--config.grad_accum_steps=64 ' in result.stdout
+  assert 'Traceback' not in result.stderr
+
+
+def test_hours_and_mfu_arithmetic():
+  """MAE-L/16's recipe on 128 v3 cores at an assumed 0.2 s per step."""
+  model = models.get_model('MAE-L/16')
+  flops = metrics.train_flops(model, 'mae') * 4096
+  chip = preflight.CHIPS['v3']
+  report = preflight.Report(
+      title='', chip=chip, num_devices=128, num_chips=64, train_memory=None,
+      eval_memory=None, step_seconds=0.2, model_flops_per_step=flops,
+      xla_flops_per_step=flops, global_batch_size=4096, steps_per_epoch=1_281_167 / 4096,
+      total_steps=math.ceil(800 * 1_281_167 / 4096))
+  assert report.images_per_second == pytest.approx(20_480)
+  assert report.epoch_hours == pytest.approx(1_281_167 / 20_480 / 3600)
+  assert report.total_steps == 250_228
+  assert report.run_hours == pytest.approx(250_228 * 0.2 / 3600)  # 13.9 h
+  assert report.chip_hours == pytest.approx(report.run_hours * 64)
+  # 128 cores x 61.5 TFLOP/s = 7.87 PFLOP/s peak.
+  assert report.mfu == pytest.approx(flops / 0.2 / 7.872e15)
+  assert 0.3 < report.mfu < 0.6
+
+
+def test_the_scan_correction_matches_an_unrolled_compile():
+  """A scanned 4-block ViT (XLA counts its loop body once) against the same ViT unrolled."""
+  scanned = tiny_config('vit', **{'model.depth': 4, 'model.scan': True})
+  unrolled = tiny_config('vit', **{'model.depth': 4})
+  tpu = preflight.tpu_slice('v5e:2x2')
+
+  def estimate(config, compiled=None):
+    setup = preflight._setup(config, tpu.devices, 1000, 1_281_167)
+    if compiled:
+      compiled, _ = preflight._compile_train(setup, 64)
+    return preflight.estimate_step(config, tpu.devices, 1000, 1_281_167, setup.model, compiled)
+
+  scanned_seconds, scanned_flops, how = estimate(scanned)
+  unrolled_seconds, unrolled_flops, _ = estimate(unrolled, compiled=True)
+  assert 'unrolled compiles at depth 1 and 2' in how
+  assert scanned_seconds == pytest.approx(unrolled_seconds, rel=0.03)
+  assert scanned_flops == pytest.approx(unrolled_flops, rel=0.03)
+
+
+def test_two_slices_put_the_data_axis_over_the_slices():
+  config = tiny_config('vit', **{'mesh': [('data', -1)]})
+  report = preflight.run(config, 'v5e:2x2', num_slices=2, estimate=False)
+  assert (report.num_devices, report.num_chips) == (8, 8)
+  assert report.fits
+  assert '2 slices' in report.title
+  tpu = preflight.tpu_slice('v5e:2x2', num_slices=2)
+  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh([('data', -1)], devices=tpu.devices)
+  slices = [d.slice_index for d in mesh.devices.flat]
+  # Each slice holds one contiguous half of the batch: only the gradient all-reduce
+  # crosses the slow network between slices.
+  assert slices == [0] * 4 + [1] * 4
+
+
+def test_bad_topologies_are_refused_in_one_line():
+  for bad in ('v4-512', 'v9:2x2', 'v5e:16'):
+    with pytest.raises(ValueError, match='GENERATION:AxB'):
+      preflight.parse_topology(bad)
+  assert preflight.parse_topology('v3:8x8') == (preflight.CHIPS['v3'], 64)
+  assert preflight.parse_topology('v4:4x4x4') == (preflight.CHIPS['v4'], 64)
+
+
+def test_every_paper_variant_names_its_hardware():
+  topologies = {config_file: preflight.paper_hardware(os.path.join(ROOT, config_file))
+                for config_file, _ in preflight.PAPER_VARIANTS}
+  assert topologies == {'configs/mae_pretrain.py': 'v3:8x8',
+                        'configs/mae_finetune.py': 'v3:8x8',
+                        'configs/linear_probe.py': 'v3:8x8',
+                        'configs/vit_scratch.py': 'v3:2x2'}
