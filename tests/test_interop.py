@@ -13,7 +13,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from tests import mae_reference
-from vit_jax import checkpoint, interop
+from vit_jax import checkpoint, interop, param_tree
 from vit_jax.models import get_model, layers
 
 TINY_VIT = dict(width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32, patch_size=8,
@@ -104,7 +104,7 @@ def test_safetensors_round_trip_through_timm_names(tmp_path):
 def test_scanned_params_export_unscanned_and_load_into_either_layout(tmp_path):
   plain, scanned = vit(), vit(scan=True)
   params = randomized(init(plain))
-  scanned_params = jax.device_get(layers.scan_params(params))
+  scanned_params = jax.device_get(param_tree.scan_params(params))
   interop.export_npz(scanned_params, tmp_path / 'scanned.npz')
   _, loaded = interop.load_checkpoint_file(tmp_path / 'scanned.npz')
   assert_trees_equal(loaded, params)  # vit_jax files are unscanned

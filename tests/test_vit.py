@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from vit_jax import param_tree
 from vit_jax.models import get_model, layers
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32, patch_size=8,
@@ -112,7 +113,7 @@ def test_scanned_and_unscanned_give_the_same_logits():
   plain = get_model('ViT-mu/8', **TINY)
   scanned = get_model('ViT-mu/8', **TINY, scan=True)
   params = init(plain, images)['params']
-  scanned_params = layers.scan_params(params)
+  scanned_params = param_tree.scan_params(params)
   expected_shapes = param_shapes(scanned, images.shape)
   got_shapes = {'/'.join(k): v.shape
                 for k, v in traverse_util.flatten_dict(scanned_params).items()}
@@ -120,7 +121,7 @@ def test_scanned_and_unscanned_give_the_same_logits():
   assert got_shapes['Transformer/encoderblock/MlpBlock_3/Dense_0/kernel'] == (2, 32, 64)
   np.testing.assert_allclose(plain.apply({'params': params}, images),
                              scanned.apply({'params': scanned_params}, images), atol=1e-5)
-  roundtrip = layers.unscan_params(scanned_params)
+  roundtrip = param_tree.unscan_params(scanned_params)
   jax.tree.map(np.testing.assert_array_equal, roundtrip, params)
 
 
