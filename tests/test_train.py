@@ -208,3 +208,18 @@ def test_an_objective_falls_back_to_its_declared_defaults():
   assert 'mixup' not in config and config.reconstructions == 8
   config.reconstructions = 0
   assert objectives.get_objective(config).option('reconstructions') == 0
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('label_smoothing', 1.0, r'label_smoothing=1.0 must be in \[0, 1\)'),
+    ('mixup.prob', 1.5, r'mixup.prob=1.5 must be in \[0, 1\]'),
+    ('mixup.cutmix_alpha', -1.0, r'mixup.cutmix_alpha=-1.0 must be at least 0'),
+])
+def test_objective_keys_are_checked(key, value, match):
+  config = make_config('classification')
+  if '.' in key:
+    config.mixup[key.split('.')[1]] = value
+  else:
+    config[key] = value
+  with pytest.raises(ValueError, match=match):
+    objectives.get_objective(config)

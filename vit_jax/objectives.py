@@ -43,6 +43,18 @@ class Objective:
       return self.config[key]
     return ml_collections.ConfigDict(default) if isinstance(default, dict) else default
 
+  def check(self) -> None:
+    """Raises a ValueError naming a key of CONFIG_KEYS whose value makes no sense."""
+    smoothing = self.option('label_smoothing')
+    if not 0.0 <= smoothing < 1.0:
+      raise ValueError(f'label_smoothing={smoothing} must be in [0, 1).')
+    m = self.option('mixup')
+    for key, low, high in (('mixup_alpha', 0.0, None), ('cutmix_alpha', 0.0, None),
+                           ('prob', 0.0, 1.0), ('switch_prob', 0.0, 1.0)):
+      if m[key] < low or (high is not None and m[key] > high):
+        bounds = f'in [{low:g}, {high:g}]' if high is not None else f'at least {low:g}'
+        raise ValueError(f'mixup.{key}={m[key]} must be {bounds}.')
+
   def model_overrides(self, num_classes: int) -> dict:
     return {'num_classes': num_classes}
 
@@ -133,6 +145,11 @@ class MaskedAutoencoder(Objective):
         pred, target, mask)
     return {'loss': jnp.sum(per_example * batch['mask']), 'count': jnp.sum(batch['mask'])}
 
+  def check(self) -> None:
+    if self.option('reconstructions') < 0:
+      raise ValueError(f'reconstructions={self.option("reconstructions")} must be 0 (none) or '
+                       f'positive.')
+
   def finish(self, model, mesh, state, workdir: str) -> str | None:
     """The four-panel figure of the first evaluation images (reconstructions.png)."""
     num_images = self.option('reconstructions')
@@ -165,7 +182,10 @@ def objective_class(name: str) -> type[Objective]:
 
 
 def get_objective(config) -> Objective:
-  return objective_class(config.objective)(config)
+  """The objective of `config`, its keys checked."""
+  objective = objective_class(config.objective)(config)
+  objective.check()
+  return objective
 
 
 def summarize_eval(sums: dict) -> dict:

@@ -73,7 +73,8 @@ def regex_mask(tree, patterns: Sequence[str] | str) -> Any:
   """True for the leaves whose path fully matches one of the regexes."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   compiled = [re.compile(p) for p in patterns]
-  return jax.tree.map(lambda name: any(p.fullmatch(name) for p in compiled), param_tree.path_names(tree))
+  return jax.tree.map(lambda name: any(p.fullmatch(name) for p in compiled),
+                      param_tree.path_names(tree))
 
 
 def layer_decay_scales(params, decay: float) -> Any:

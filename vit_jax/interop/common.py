@@ -9,7 +9,6 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be read or does not fit; the message is one line."""
 
 
-
 def one_line(error: Exception) -> str:
   """An exception's message on one line, at most about 200 characters."""
   text = ' '.join(str(error).split())

@@ -171,6 +171,7 @@ _LINEN_TO_OURS = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttentio
 
 
 def from_flax_names(arrays: dict, path: str) -> tuple[str, dict]:
+  """Flat '/' keys of a vit_jax or big_vision file -> (format, nested params in our names)."""
   prefix = next((p for p in _FLAX_PREFIXES if f'{p}embedding/kernel' in arrays), None)
   if prefix is None:
     raise CheckpointError(f'{path}: not a ViT checkpoint: no embedding/kernel among its keys '

@@ -139,6 +139,7 @@ def _drop_fixed_posembs(state: dict, path: str) -> bool:
 
 
 def from_torch_names(state: dict, path: str) -> tuple[str, dict]:
+  """A PyTorch state dict -> ('timm' or 'mae', nested params in our names, heads merged)."""
   state = dict(state)
   is_mae = _drop_fixed_posembs(state, path)
   flat, unknown = {}, []

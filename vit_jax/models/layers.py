@@ -12,7 +12,7 @@ Two initialisation schemes are supported, named by `init_scheme`:
          as a linear layer, class token normal(0.02)).
 
 The numerical kernels (attention, GELU, LayerNorm) are in ops.py, fast and reference
-versions side by side; every module here takes the `ops` field that chooses between them.
+versions side by side; the modules that use them take the `ops` field that chooses.
 """
 
 from typing import Any
@@ -297,7 +297,8 @@ class EncoderBlock(nn.Module):
 
     y = norm('LayerNorm_0')(x)
     y = Attention(self.num_heads, self.attention_dropout, self.init_scheme, self.dtype,
-                  self.ops, name='MultiHeadDotProductAttention_1')(y, y, deterministic=deterministic)
+                  self.ops, name='MultiHeadDotProductAttention_1')(
+                      y, y, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = residual(x, y)
     y = norm('LayerNorm_2')(x)
