@@ -185,3 +185,14 @@ def test_lars_follows_mae_util_lars_order():
       momentum['head'][name] = 0.9 * momentum['head'][name] + update
       expected['head'][name] = weight - schedule(step) * momentum['head'][name]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), params, expected)
+
+
+def test_a_key_the_optimizer_does_not_read_is_refused():
+  params = {'w': jnp.ones(3)}
+  schedule = optax.constant_schedule(0.1)
+  with pytest.raises(ValueError, match=r"optim.momentum=0.5 has no effect with "
+                                       r"optim.name='adamw' \(only sgd, lars read it\)"):
+    optim.make_optimizer(config(momentum=0.5), params, schedule)
+  with pytest.raises(ValueError, match=r"optim.b1=0.8 has no effect with optim.name='lars'"):
+    optim.make_optimizer(config(name='lars', b1=0.8), params, schedule)
+  optim.make_optimizer(config(name='lars', momentum=0.5), params, schedule)  # read: fine

@@ -116,12 +116,28 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+# Keys that only some optimizers read.
+OPTIMIZER_KEYS = {'b1': ('adamw',), 'b2': ('adamw',), 'momentum': ('sgd', 'lars')}
+
+
+def check_optimizer_keys(optim: ml_collections.ConfigDict) -> None:
+  """Refuses a key set away from its default for an optimizer that does not read it
+  (`optim.momentum=0.5` with adamw would change nothing, silently)."""
+  defaults = default_optim_config()
+  for key, readers in OPTIMIZER_KEYS.items():
+    if optim.name not in readers and optim[key] != defaults[key]:
+      raise ValueError(f'optim.{key}={optim[key]} has no effect with optim.name='
+                       f'{optim.name!r} (only {", ".join(readers)} read it); leave it at '
+                       f'{defaults[key]} or choose another optimizer.')
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, params, schedule: optax.Schedule, *,
                    trainable: str = '.*') -> optax.GradientTransformation:
   """The optax chain for `params` (a tree of arrays or ShapeDtypeStructs).
 
   Parameters whose path does not match the `trainable` regex get zero updates.
   """
+  check_optimizer_keys(optim)
   decay_mask = jax.tree.map(lambda no: not no, regex_mask(params, optim.no_decay))
   if optim.name == 'adamw':
     core = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
