@@ -83,7 +83,11 @@ def layer_norm(x, scale, bias, epsilon):
   """LayerNorm over the last axis in float32; the backward pass is written out.
 
   Autodiff of the forward keeps and re-reads several (tokens, width) intermediates; the
-  closed form needs x and two numbers per token.
+  closed form needs x and two numbers per token. Measured against flax's nn.LayerNorm in
+  the same ViT-B/16 gradient step at batch 8 (2026-11-30, CPU, interleaved A/B in one
+  process on a busy machine): 1.33 GiB of temporary memory instead of 1.44 (8% less),
+  bitwise the same gradients, and a best step time 1.1% shorter (44.9 s against 45.3 s
+  under that load; within noise). It is kept for the memory.
   """
   return _layer_norm_forward(x, scale, bias, epsilon)[0]
 
