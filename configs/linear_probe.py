@@ -23,11 +23,9 @@ from vit_jax import config_utils
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant='', model='B/16', data='imagenet2012')
-  config = config_utils.classification_config()
-  config.objective = 'linear_probe'
+  config = config_utils.base_config('linear_probe')
+  # The class-token model has `encoder_norm`, so the MAE encoder's final norm loads.
   config.init = config_utils.mae_finetune_init()
-  # The MAE encoder's final norm feeds the class-token features: keep it.
-  config.init.ignore_unexpected = ('decoder_.*', 'Decoder/.*', 'mask_token')
   config.label_smoothing = 0.0
   config.mixup.prob = 0.0
   config.optim.name = 'lars'

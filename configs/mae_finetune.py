@@ -4,7 +4,7 @@ r"""Fine-tuning a pretrained MAE encoder as a classifier (MAE paper, FINETUNE.md
       --workdir=runs/ft_b16 --config.init.path=runs/mae_b16
 
 `init.path` is the MAE workdir (or an official `mae_pretrain_vit_base.pth`, see
-vit_jax/interop.py). Recipe: global average pooling with fc_norm, batch 1024, AdamW
+vit_jax/interop/). Recipe: global average pooling with fc_norm, batch 1024, AdamW
 (0.9, 0.999), weight decay 0.05, base lr 5e-4 (B) / 1e-3 (L, H) scaled by batch/256,
 layer decay 0.65 (B) / 0.75 (L, H), drop path 0.1 / 0.2 / 0.3, 100 epochs (B) / 50
 (L, H) with 5 warmup epochs, RandAugment(9, 0.5), mixup 0.8, cutmix 1.0, label
@@ -33,7 +33,7 @@ RECIPES = {  # model: (base_lr, layer_decay, drop_path, epochs)
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant='', model='B/16', data='imagenet2012')
-  config = config_utils.classification_config()
+  config = config_utils.base_config('classification')
   config.init = config_utils.mae_finetune_init()
   config.optim.name = 'adamw'
   config.optim.b1, config.optim.b2 = 0.9, 0.999

@@ -30,9 +30,7 @@ from vit_jax import config_utils
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant='', model='B/16', data='imagenet2012', epochs=800)
-  config = config_utils.base_config()
-  config.objective = 'mae'
-  config.reconstructions = 8  # images in workdir/reconstructions.png at the end; 0: none
+  config = config_utils.base_config('mae')
 
   config.optim.name = 'adamw'
   config.optim.b1, config.optim.b2 = 0.9, 0.95

@@ -24,7 +24,7 @@ from vit_jax import config_utils, models
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant='', model='S/16', data='imagenet2012', epochs=90)
-  config = config_utils.classification_config()
+  config = config_utils.base_config('classification')
   config.model.update(dict(pool='gap', class_token=False, fc_norm=False, posemb='sincos2d',
                            head_init_std=0.0))
   config.label_smoothing = 0.0

@@ -176,11 +176,7 @@ def row_config(row: Row):
   """The training config of a row: the defaults of configs/ for its objective."""
   from vit_jax import config_utils  # pylint: disable=import-outside-toplevel
   objective = row.objective or ('mae' if row.model.startswith('MAE-') else 'classification')
-  if objective == 'mae':
-    config = config_utils.base_config()
-  else:
-    config = config_utils.classification_config()
-  config.objective = objective
+  config = config_utils.base_config(objective)
   config.model_name = row.model
   config.model.update(dict(image_size=row.image_size, dtype=row.dtype, scan=row.scan,
                            remat_policy=row.remat_policy))
@@ -212,17 +208,15 @@ def benchmark(config, *, num_classes: int = 1000, steps: int = 5, warmup: int = 
   objective = objectives.get_objective(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.global_batch_size, mesh, 'global_batch_size')
-  model = models.get_model(config.model_name,
-                           **{**objective.model_overrides(num_classes), **config.model})
+  model = models.from_config(config, **objective.model_overrides(num_classes))
   # Any schedule will do: the step's cost does not depend on the learning rate.
   schedule = optim.learning_rate(config.optim, config.global_batch_size, total_steps=10**6,
                                  steps_per_epoch=1.0)
   built = train.build_steps(config, model, objective, mesh, schedule)
   state = built.init()
-  height, width = models.layers.pair(model.image_size)
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(config.global_batch_size, height, width,
-                                     model.channels)).astype(np.float32),
+  batch = {'image': rng.normal(size=(config.global_batch_size, *models.input_shape(model))
+                               ).astype(np.float32),
            'label': rng.integers(0, max(num_classes, 1),
                                  config.global_batch_size).astype(np.int32)}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))

@@ -23,7 +23,6 @@ import sys
 
 from absl import app, flags
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,9 +68,8 @@ def convert(input_path, model, *, reinit=(), allow_missing=(), ignore_unexpected
   is_mae_source = source == 'mae' or 'mask_token' in loaded
   if isinstance(model, models.ViT) and is_mae_source:
     options = {k: v + interop.MAE_TO_VIT[k] for k, v in options.items()}
-  images = np.zeros((1, *models.layers.pair(model.image_size), model.channels), np.float32)
-  rngs = {'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1)}
-  fresh = jax.device_get(jax.jit(model.init)(rngs, images)['params'])
+  init = jax.jit(lambda key: models.init_variables(model, key)['params'])
+  fresh = jax.device_get(init(jax.random.key(seed)))
   params, report = interop.fit_params(loaded, fresh, new_grid=model.grid,
                                       source=f'{input_path} ({source})', **options)
   return params, str(report)

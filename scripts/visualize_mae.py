@@ -35,11 +35,10 @@ _NUM = flags.DEFINE_integer('num_images', 8, 'How many images.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the masks (and of fresh weights).')
 _OUTPUT = flags.DEFINE_string('output', 'reconstructions.png', 'PNG to write.')
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_image_files(paths, model, mean, std):
-  size = models.layers.pair(model.image_size)
+  size = models.input_shape(model)[:2]
   images = []
   for path in paths:
     image = Image.open(path).convert('L' if model.channels == 1 else 'RGB')
@@ -52,17 +51,14 @@ def main(argv):
   del argv
   if _WORKDIR.value:
     config = train.load_config_json(_WORKDIR.value)
-    model = models.get_model(config.model_name, **config.model)
+    model = models.from_config(config)
     mean, std = config.data.mean, config.data.std
     _, params = checkpoint.load_params(_CHECKPOINT.value or _WORKDIR.value)
   elif _MODEL.value:
     model = models.get_model(_MODEL.value, norm_pix_loss=_NORM_PIX.value)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     config = None
-    fresh = model.init({'params': jax.random.key(_SEED.value), 'masking': jax.random.key(0)},
-                       np.zeros((1, *models.layers.pair(model.image_size), model.channels),
-                                np.float32))['params']
-    params = jax.device_get(fresh)
+    params = jax.device_get(models.init_variables(model, jax.random.key(_SEED.value))['params'])
     if _CHECKPOINT.value:
       _, loaded = checkpoint.load_params(_CHECKPOINT.value)
       params, report = interop.fit_params(loaded, params)

@@ -68,8 +68,7 @@ def test_flops_agree_with_xla_for_the_forward_pass(name, overrides):
   """XLA also counts norms, softmax and GELU: a little more than the matmuls alone."""
   model = models.get_model(name, image_size=64, **overrides)
   images = jnp.zeros((2, 64, 64, 3))
-  rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
-  variables = jax.eval_shape(lambda: model.init(rngs, images))
+  variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
   compiled = jax.jit(lambda v, x: model.apply(v, x, rngs={'masking': jax.random.key(1)})).lower(
       variables, images).compile()
   ratio = metrics.compiled_flops(compiled) / (2 * metrics.forward_flops(model))

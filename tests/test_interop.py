@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
 from tests import mae_reference
-from vit_jax import checkpoint, interop
+from vit_jax import checkpoint, interop, models, param_tree
 from vit_jax.models import get_model, layers
 
 TINY_VIT = dict(width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32, patch_size=8,
@@ -40,9 +39,7 @@ def init(model, seed=0):
   Fitting only needs the tree and distinct values; tracing shapes is much faster here
   than running the initialisers (which compiles every new shape).
   """
-  rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
-  images = jnp.zeros((1, *layers.pair(model.image_size), model.channels))
-  shapes = jax.eval_shape(model.init, rngs, images)['params']
+  shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))['params']
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), shapes)
 
@@ -104,7 +101,7 @@ def test_safetensors_round_trip_through_timm_names(tmp_path):
 def test_scanned_params_export_unscanned_and_load_into_either_layout(tmp_path):
   plain, scanned = vit(), vit(scan=True)
   params = randomized(init(plain))
-  scanned_params = jax.device_get(layers.scan_params(params))
+  scanned_params = jax.device_get(param_tree.scan_params(params))
   interop.export_npz(scanned_params, tmp_path / 'scanned.npz')
   _, loaded = interop.load_checkpoint_file(tmp_path / 'scanned.npz')
   assert_trees_equal(loaded, params)  # vit_jax files are unscanned

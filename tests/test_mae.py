@@ -8,6 +8,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tests import mae_reference
+from vit_jax import models
 from vit_jax.models import get_model, layers, mae
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32, patch_size=8,
@@ -18,9 +19,8 @@ def flat_shapes(tree):
   return {'/'.join(k): v.shape for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def abstract_params(model, image_shape=(1, 224, 224, 3)):
-  rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
-  return jax.eval_shape(lambda: model.init(rngs, jnp.zeros(image_shape)))['params']
+def abstract_params(model):
+  return jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))['params']
 
 
 def count(shapes, prefix=None):

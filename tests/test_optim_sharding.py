@@ -7,8 +7,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vit_jax import optim, sharding
-from vit_jax.models import get_model, layers
+from vit_jax import optim, param_tree, sharding
+from vit_jax.models import get_model
 
 TINY = dict(width=32, depth=3, num_heads=4, mlp_dim=64, image_size=16, patch_size=8,
             num_classes=5)
@@ -44,7 +44,7 @@ def test_learning_rate_follows_the_mae_rule_warmup_and_cosine():
 def test_weight_decay_skips_biases_norms_posemb_and_tokens():
   params = tiny_params()
   no_decay = optim.regex_mask(params, optim.DEFAULT_NO_DECAY)
-  names = optim.path_names(params)
+  names = param_tree.path_names(params)
   decayed = {n for n, skip in zip(jax.tree.leaves(names), jax.tree.leaves(no_decay)) if not skip}
   assert all(n.endswith('/kernel') for n in decayed)
   assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in decayed
@@ -92,7 +92,8 @@ def test_frozen_parameters_do_not_move_and_lars_runs_on_the_head():
                             optax.constant_schedule(0.1), trainable='head/.*')
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
-  for name, update in zip(jax.tree.leaves(optim.path_names(params)), jax.tree.leaves(updates)):
+  names = jax.tree.leaves(param_tree.path_names(params))
+  for name, update in zip(names, jax.tree.leaves(updates)):
     if name.startswith('head/'):
       assert np.all(np.asarray(update) != 0), name
     else:
@@ -154,10 +155,10 @@ def test_global_batch_from_process_local_data():
 def test_scan_unscan_params_roundtrip_for_the_mae_decoder_too():
   tree = {'Decoder': {f'encoderblock_{i}': {'w': np.full(2, i)} for i in range(3)},
           'Transformer': {'encoderblock_0': {'w': np.zeros(2)}, 'encoder_norm': {'s': np.ones(1)}}}
-  scanned = layers.scan_params(tree)
+  scanned = param_tree.scan_params(tree)
   assert scanned['Decoder']['encoderblock']['w'].shape == (3, 2)
   assert set(scanned['Transformer']) == {'encoderblock', 'encoder_norm'}
-  back = layers.unscan_params(scanned)
+  back = param_tree.unscan_params(scanned)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
 
 
@@ -184,3 +185,14 @@ def test_lars_follows_mae_util_lars_order():
       momentum['head'][name] = 0.9 * momentum['head'][name] + update
       expected['head'][name] = weight - schedule(step) * momentum['head'][name]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), params, expected)
+
+
+def test_a_key_the_optimizer_does_not_read_is_refused():
+  params = {'w': jnp.ones(3)}
+  schedule = optax.constant_schedule(0.1)
+  with pytest.raises(ValueError, match=r"optim.momentum=0.5 has no effect with "
+                                       r"optim.name='adamw' \(only sgd, lars read it\)"):
+    optim.make_optimizer(config(momentum=0.5), params, schedule)
+  with pytest.raises(ValueError, match=r"optim.b1=0.8 has no effect with optim.name='lars'"):
+    optim.make_optimizer(config(name='lars', b1=0.8), params, schedule)
+  optim.make_optimizer(config(name='lars', momentum=0.5), params, schedule)  # read: fine

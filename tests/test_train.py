@@ -13,13 +13,11 @@ DECODER = dict(decoder_width=16, decoder_depth=1, decoder_num_heads=2, decoder_m
 
 
 def make_config(objective):
+  config = config_utils.base_config(objective)
   if objective == 'mae':
-    config = config_utils.base_config()
-    config.objective = 'mae'
     config.model_name = 'MAE-mu/4'
     config.model.update(ENCODER | DECODER | dict(norm_pix_loss=True))
   else:
-    config = config_utils.classification_config()
     config.model_name = 'ViT-mu/4'
     config.model.update(ENCODER | dict(pool='gap', head_init_std=0.02))
     config.mixup.update(dict(mixup_alpha=0.2, cutmix_alpha=1.0))
@@ -32,8 +30,7 @@ def make_config(objective):
 
 def build(config, mesh):
   objective = objectives.get_objective(config)
-  model = models.get_model(config.model_name,
-                           **objective.model_overrides(10) | dict(config.model))
+  model = models.from_config(config, **objective.model_overrides(10))
   schedule = optim.learning_rate(config.optim, config.global_batch_size, 100, 10)
   return model, train.build_steps(config, model, objective, mesh, schedule)
 
@@ -182,3 +179,47 @@ def test_micro_batches_must_divide_over_devices():
   config.global_batch_size, config.grad_accum_steps = 16, 4
   with pytest.raises(ValueError, match='micro-batches gives 4 examples, not a multiple of the 8'):
     train.check_micro_batches(config, MESHES['data parallel']())
+
+
+def test_label_smoothing_gives_timms_targets():
+  """10 classes, smoothing 0.1: target 0.91 on the label and 0.01 elsewhere (timm's)."""
+  config = make_config('classification')
+  config.label_smoothing = 0.1
+  config.mixup.prob = 0.0
+  objective = objectives.get_objective(config)
+  model = models.from_config(config, **objective.model_overrides(10))
+  variables = models.init_variables(model, jax.random.key(0))
+  batch = batches(1)[0]
+  loss, _ = objective.train_loss(model, variables, batch, jax.random.key(1))
+  log_probs = jax.nn.log_softmax(model.apply(variables, batch['image'], train=True))
+  targets = np.full((16, 10), 0.01)
+  targets[np.arange(16), batch['label']] = 0.91
+  np.testing.assert_allclose(loss, -np.mean(np.sum(targets * log_probs, axis=1)), rtol=1e-6)
+
+
+def test_an_objective_falls_back_to_its_declared_defaults():
+  """An MAE config built from another objective's base has no `reconstructions`: the
+  objective's default (8) stands in, where the loop used to stop at the end of the run."""
+  config = config_utils.base_config('classification')
+  assert 'reconstructions' not in config and config.label_smoothing == 0.1
+  config.objective = 'mae'
+  assert objectives.get_objective(config).option('reconstructions') == 8
+  config = config_utils.base_config('mae')
+  assert 'mixup' not in config and config.reconstructions == 8
+  config.reconstructions = 0
+  assert objectives.get_objective(config).option('reconstructions') == 0
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('label_smoothing', 1.0, r'label_smoothing=1.0 must be in \[0, 1\)'),
+    ('mixup.prob', 1.5, r'mixup.prob=1.5 must be in \[0, 1\]'),
+    ('mixup.cutmix_alpha', -1.0, r'mixup.cutmix_alpha=-1.0 must be at least 0'),
+])
+def test_objective_keys_are_checked(key, value, match):
+  config = make_config('classification')
+  if '.' in key:
+    config.mixup[key.split('.')[1]] = value
+  else:
+    config[key] = value
+  with pytest.raises(ValueError, match=match):
+    objectives.get_objective(config)

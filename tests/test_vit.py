@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from vit_jax import models, param_tree
 from vit_jax.models import get_model, layers
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32, patch_size=8,
             num_classes=10)
 
 
-def param_shapes(model, image_shape=(1, 224, 224, 3)):
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape)))
+def param_shapes(model):
+  variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
   return {'/'.join(k): v.shape for k, v in traverse_util.flatten_dict(variables['params']).items()}
 
 
@@ -57,10 +58,10 @@ def test_parameter_names_are_those_of_vision_transformer():
 def test_pool_options_change_the_tree_and_output():
   images = jnp.ones((2, 32, 32, 3))
   gap = get_model('ViT-mu/8', **{**TINY, 'pool': 'gap'})
-  gap_shapes = param_shapes(gap, images.shape)
+  gap_shapes = param_shapes(gap)
   assert 'fc_norm/scale' in gap_shapes and 'Transformer/encoder_norm/scale' not in gap_shapes
   mapped = get_model('ViT-mu/8', **{**TINY, 'pool': 'map', 'class_token': False})
-  map_shapes = param_shapes(mapped, images.shape)
+  map_shapes = param_shapes(mapped)
   assert map_shapes['MAPHead_0/probe'] == (1, 1, 32) and 'cls' not in map_shapes
   assert map_shapes['Transformer/posembed_input/pos_embedding'] == (1, 16, 32)
   for model in (gap, mapped):
@@ -72,7 +73,7 @@ def test_pool_options_change_the_tree_and_output():
 
 def test_sincos2d_posemb_is_fixed_and_equals_the_mae_formula():
   model = get_model('ViT-mu/8', **TINY, posemb='sincos2d')
-  assert not any('posembed' in k for k in param_shapes(model, (1, 32, 32, 3)))
+  assert not any('posembed' in k for k in param_shapes(model))
 
   # Independent computation, written from the MAE paper's code description.
   def reference(width, rows, cols):
@@ -112,15 +113,15 @@ def test_scanned_and_unscanned_give_the_same_logits():
   plain = get_model('ViT-mu/8', **TINY)
   scanned = get_model('ViT-mu/8', **TINY, scan=True)
   params = init(plain, images)['params']
-  scanned_params = layers.scan_params(params)
-  expected_shapes = param_shapes(scanned, images.shape)
+  scanned_params = param_tree.scan_params(params)
+  expected_shapes = param_shapes(scanned)
   got_shapes = {'/'.join(k): v.shape
                 for k, v in traverse_util.flatten_dict(scanned_params).items()}
   assert got_shapes == expected_shapes
   assert got_shapes['Transformer/encoderblock/MlpBlock_3/Dense_0/kernel'] == (2, 32, 64)
   np.testing.assert_allclose(plain.apply({'params': params}, images),
                              scanned.apply({'params': scanned_params}, images), atol=1e-5)
-  roundtrip = layers.unscan_params(scanned_params)
+  roundtrip = param_tree.unscan_params(scanned_params)
   jax.tree.map(np.testing.assert_array_equal, roundtrip, params)
 
 
@@ -248,6 +249,6 @@ def test_bad_input_raises_before_compiling():
 
 def test_non_square_images_and_other_patch_sizes():
   model = get_model('ViT-mu/4', **{**TINY, 'patch_size': 4, 'image_size': (16, 32)})
-  shapes = param_shapes(model, (1, 16, 32, 3))
+  shapes = param_shapes(model)
   assert shapes['Transformer/posembed_input/pos_embedding'] == (1, 1 + 4 * 8, 32)
   assert get_model('ViT-B/32').patch_size == 32 and get_model('ViT-S/14').width == 384

@@ -2,12 +2,13 @@
 
 A config file's `get_config(arg)` takes 'key=value' pairs separated by commas, e.g.
 `configs/mae_pretrain.py:model=L/16,data=imagenet2012`, or a single word such as
-`demo`. Every key of a config is read by the code (tests/test_configs.py checks it).
+`demo`. Every key of a config is read by the code (tests/test_main.py checks it, nested
+keys included).
 """
 
 import ml_collections
 
-from vit_jax import data, optim
+from vit_jax import data, interop, objectives, optim
 
 
 VARIANTS = ('demo',)  # the bare words a config file's :ARG accepts
@@ -38,10 +39,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(parsed)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """The keys every config has, with defaults for one machine."""
+def base_config(objective: str = 'classification') -> ml_collections.ConfigDict:
+  """The keys every config has, with defaults for one machine, and those `objective` reads.
+
+  objective: 'mae', 'classification' or 'linear_probe' (see vit_jax/objectives.py, whose
+    CONFIG_KEYS say which keys each adds: label smoothing and mixup for classifiers, the
+    number of reconstructions drawn at the end for MAE).
+  """
   config = ml_collections.ConfigDict()
-  config.objective = 'classification'  # 'mae', 'classification' or 'linear_probe'
+  config.objective = objective
   config.model_name = 'ViT-B/16'  # see vit_jax.models.get_model
   config.model = ml_collections.ConfigDict()  # field overrides for get_model
   config.data = data.default_data_config()
@@ -53,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = optim.default_optim_config()
   config.seed = 0
   # Initialise from a checkpoint (fine-tuning): an Orbax workdir/step folder, or a
-  # .npz/.safetensors/.pth file (see vit_jax/interop.py). Regexes match parameter paths.
+  # .npz/.safetensors/.pth file (see vit_jax/interop/). Regexes match parameter paths.
   config.init = ml_collections.ConfigDict(dict(
       path='',
       reinit=('head/.*',),  # keep these freshly initialised (a new head)
@@ -72,16 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (first, last): a jax.profiler trace of these steps into workdir/tensorboard, for
   # TensorBoard's profile plugin; () for none.
   config.profile_steps = ()
-  return config
-
-
-def classification_config() -> ml_collections.ConfigDict:
-  """base_config plus what classifiers read: label smoothing and on-device mixup/cutmix."""
-  config = base_config()
-  config.objective = 'classification'
-  config.label_smoothing = 0.1
-  config.mixup = ml_collections.ConfigDict(dict(
-      mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5))
+  config.update(objectives.objective_class(objective).CONFIG_KEYS)
   return config
 
 
@@ -99,7 +96,6 @@ def use_demo_data(config: ml_collections.ConfigDict) -> None:
   config.eval_batch_size = 400  # 5 batches for the 2,000 test images, 8 devices divide it
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # TFDS names of the evaluation split where it is not 'test' (ImageNet's 'test' is unlabelled).
 EVAL_SPLITS = {'imagenet2012': 'validation', 'imagenet2012_subset': 'validation',
                'imagenette': 'validation'}
@@ -112,15 +108,11 @@ def use_dataset(config: ml_collections.ConfigDict, name: str, *,
   config.data.name = name
   config.data.eval_split = EVAL_SPLITS.get(name, 'test')
   if imagenet_preprocessing:
-    config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
+    config.data.mean, config.data.std = data.IMAGENET_MEAN, data.IMAGENET_STD
     config.data.interpolation = 'bicubic'
 
 
 def mae_finetune_init() -> ml_collections.ConfigDict:
-  """config.init for a classifier initialised from an MAE (Orbax workdir or official .pth)."""
-  return ml_collections.ConfigDict(dict(
-      path='',
-      reinit=('head/.*',),
-      allow_missing=('fc_norm/.*', 'head/.*'),
-      ignore_unexpected=('decoder_.*', 'Decoder/.*', 'mask_token', 'Transformer/encoder_norm/.*'),
-  ))
+  """config.init for a classifier initialised from an MAE (Orbax workdir or official .pth):
+  interop.MAE_TO_VIT's regexes."""
+  return ml_collections.ConfigDict(dict(path='', **interop.MAE_TO_VIT))

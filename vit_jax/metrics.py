@@ -155,7 +155,7 @@ def step_flops(compiled, model, objective: str, global_batch_size: int, *,
     hidden.append('gradient accumulation')
   if model.remat_policy != 'none':
     hidden.append('remat')
-  if models.layers.use_cudnn_attention(model.dtype, model.width // model.num_heads):
+  if models.ops.use_cudnn_attention(model.dtype, model.width // model.num_heads, model.ops):
     hidden.append('cuDNN attention')
   if hidden:
     return (float(train_flops(model, objective) * global_batch_size),

@@ -1,18 +1,24 @@
 """Loss and metrics per objective: MAE pretraining, classification, linear probing.
 
-Each objective says how it changes the model and optimizer of the config, computes the
-training loss of one batch, and sums the evaluation metrics of one batch (weighted by
-the batch's `mask`, which is 0 on the padding of the last evaluation batch).
-The training loop knows nothing else of them.
+Each objective declares the config keys it reads beyond config_utils.base_config (with
+their defaults, `CONFIG_KEYS`), says how it changes the model and optimizer of the
+config, computes the training loss of one batch, sums the evaluation metrics of one
+batch (weighted by the batch's `mask`, which is 0 on the padding of the last evaluation
+batch), and writes its end-of-run artefacts (`finish`). The training loop knows nothing
+else of them.
 """
 
 import dataclasses
-from typing import Any
+import os
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+from jax.experimental import multihost_utils
 
+from vit_jax import data
 from vit_jax.data import mixup
 from vit_jax.models import layers, mae
 
@@ -23,6 +29,31 @@ OBJECTIVES = ('mae', 'classification', 'linear_probe')
 class Objective:
   """Base: a classifier trained with softmax cross-entropy."""
   config: Any  # the whole ml_collections config
+  # The keys this objective reads beyond base_config, with their defaults.
+  CONFIG_KEYS: ClassVar[dict] = {
+      'label_smoothing': 0.1,
+      # On-device mixup/cutmix (timm's batch mode, see vit_jax/data/mixup.py).
+      'mixup': dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
+  }
+
+  def option(self, key: str):
+    """config[key], or the declared default where the config does not have the key."""
+    default = self.CONFIG_KEYS[key]
+    if key in self.config:
+      return self.config[key]
+    return ml_collections.ConfigDict(default) if isinstance(default, dict) else default
+
+  def check(self) -> None:
+    """Raises a ValueError naming a key of CONFIG_KEYS whose value makes no sense."""
+    smoothing = self.option('label_smoothing')
+    if not 0.0 <= smoothing < 1.0:
+      raise ValueError(f'label_smoothing={smoothing} must be in [0, 1).')
+    m = self.option('mixup')
+    for key, low, high in (('mixup_alpha', 0.0, None), ('cutmix_alpha', 0.0, None),
+                           ('prob', 0.0, 1.0), ('switch_prob', 0.0, 1.0)):
+      if m[key] < low or (high is not None and m[key] > high):
+        bounds = f'in [{low:g}, {high:g}]' if high is not None else f'at least {low:g}'
+        raise ValueError(f'mixup.{key}={m[key]} must be {bounds}.')
 
   def model_overrides(self, num_classes: int) -> dict:
     return {'num_classes': num_classes}
@@ -35,10 +66,11 @@ class Objective:
   def train_loss(self, model, variables, batch, rng):
     """Returns (loss, (metrics dict, updated mutable collections))."""
     mix_rng, dropout_rng = jax.random.split(rng)
-    num_classes = model.num_classes
-    targets = mixup.one_hot_smoothed(batch['label'], num_classes, self.config.label_smoothing)
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(batch['label'], model.num_classes, dtype=jnp.float32),
+        self.option('label_smoothing'))
     images = batch['image']
-    m = self.config.mixup
+    m = self.option('mixup')
     if m.prob > 0 and (m.mixup_alpha > 0 or m.cutmix_alpha > 0):
       images, targets = mixup.mix(mix_rng, images, targets, mixup_alpha=m.mixup_alpha,
                                   cutmix_alpha=m.cutmix_alpha, switch_prob=m.switch_prob,
@@ -63,6 +95,11 @@ class Objective:
             'top5': jnp.sum(jnp.any(hits, axis=1) * weight),
             'count': jnp.sum(weight)}
 
+  def finish(self, model, mesh, state, workdir: str) -> str | None:
+    """End-of-run artefacts (collective: called on every process); a line for the log."""
+    del model, mesh, state, workdir
+    return None
+
 
 class Classification(Objective):
   """Supervised training from scratch or fine-tuning from a checkpoint."""
@@ -86,6 +123,9 @@ class LinearProbe(Objective):
 
 class MaskedAutoencoder(Objective):
   """MAE pretraining: the model computes its own loss over the removed patches."""
+  CONFIG_KEYS: ClassVar[dict] = {
+      'reconstructions': 8,  # images in workdir/reconstructions.png at the end; 0: none
+  }
 
   def model_overrides(self, num_classes: int) -> dict:
     del num_classes
@@ -105,13 +145,47 @@ class MaskedAutoencoder(Objective):
         pred, target, mask)
     return {'loss': jnp.sum(per_example * batch['mask']), 'count': jnp.sum(batch['mask'])}
 
+  def check(self) -> None:
+    if self.option('reconstructions') < 0:
+      raise ValueError(f'reconstructions={self.option("reconstructions")} must be 0 (none) or '
+                       f'positive.')
+
+  def finish(self, model, mesh, state, workdir: str) -> str | None:
+    """The four-panel figure of the first evaluation images (reconstructions.png)."""
+    num_images = self.option('reconstructions')
+    if not num_images:
+      return None
+    from vit_jax import visualize  # pylint: disable=import-outside-toplevel
+    config = self.config
+    batch = next(iter(data.eval_iterator(
+        config.data, global_batch_size=config.eval_batch_size, mesh=mesh,
+        image_size=model.image_size, channels=model.channels)))
+    # Gathered: with FSDP across hosts no process holds every shard.
+    images, params = multihost_utils.process_allgather((batch['image'], state['params']),
+                                                       tiled=True)
+    path = os.path.join(workdir, 'reconstructions.png')
+    if jax.process_index() == 0:
+      visualize.save_reconstructions(model, params, images[:num_images], path,
+                                     mean=config.data.mean, std=config.data.std,
+                                     seed=config.seed)
+    return f'Reconstructions: {path}'
+
+
+CLASSES = {'mae': MaskedAutoencoder, 'classification': Classification,
+           'linear_probe': LinearProbe}
+
+
+def objective_class(name: str) -> type[Objective]:
+  if name not in CLASSES:
+    raise ValueError(f'Unknown objective {name!r}; known: {OBJECTIVES}.')
+  return CLASSES[name]
+
 
 def get_objective(config) -> Objective:
-  classes = {'mae': MaskedAutoencoder, 'classification': Classification,
-             'linear_probe': LinearProbe}
-  if config.objective not in classes:
-    raise ValueError(f'Unknown objective {config.objective!r}; known: {OBJECTIVES}.')
-  return classes[config.objective](config)
+  """The objective of `config`, its keys checked."""
+  objective = objective_class(config.objective)(config)
+  objective.check()
+  return objective
 
 
 def summarize_eval(sums: dict) -> dict:

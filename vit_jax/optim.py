@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vit_jax import param_tree
+
 # No weight decay on biases, norms, position embeddings, class and mask tokens and the
 # attention-pool probe: the parameter groups of the MAE and timm recipes.
 DEFAULT_NO_DECAY = ('.*/bias', '.*/scale', '.*pos_embedding', 'cls', 'mask_token', '.*/probe')
@@ -67,17 +69,12 @@ def learning_rate(optim: ml_collections.ConfigDict, global_batch_size: int,
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def path_names(tree) -> Any:
-  """A tree like `tree` whose leaves are their '/'-joined paths."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: '/'.join(str(getattr(k, 'key', k)) for k in path), tree)
-
-
 def regex_mask(tree, patterns: Sequence[str] | str) -> Any:
   """True for the leaves whose path fully matches one of the regexes."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   compiled = [re.compile(p) for p in patterns]
-  return jax.tree.map(lambda name: any(p.fullmatch(name) for p in compiled), path_names(tree))
+  return jax.tree.map(lambda name: any(p.fullmatch(name) for p in compiled),
+                      param_tree.path_names(tree))
 
 
 def layer_decay_scales(params, decay: float) -> Any:
@@ -106,7 +103,7 @@ def layer_decay_scales(params, decay: float) -> Any:
       return per_layer.reshape((depth,) + (1,) * (len(leaf.shape) - 1))
     return 1.0
 
-  return jax.tree.map(scale, path_names(params), params)
+  return jax.tree.map(scale, param_tree.path_names(params), params)
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:
@@ -119,12 +116,28 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+# Keys that only some optimizers read.
+OPTIMIZER_KEYS = {'b1': ('adamw',), 'b2': ('adamw',), 'momentum': ('sgd', 'lars')}
+
+
+def check_optimizer_keys(optim: ml_collections.ConfigDict) -> None:
+  """Refuses a key set away from its default for an optimizer that does not read it
+  (`optim.momentum=0.5` with adamw would change nothing, silently)."""
+  defaults = default_optim_config()
+  for key, readers in OPTIMIZER_KEYS.items():
+    if optim.name not in readers and optim[key] != defaults[key]:
+      raise ValueError(f'optim.{key}={optim[key]} has no effect with optim.name='
+                       f'{optim.name!r} (only {", ".join(readers)} read it); leave it at '
+                       f'{defaults[key]} or choose another optimizer.')
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, params, schedule: optax.Schedule, *,
                    trainable: str = '.*') -> optax.GradientTransformation:
   """The optax chain for `params` (a tree of arrays or ShapeDtypeStructs).
 
   Parameters whose path does not match the `trainable` regex get zero updates.
   """
+  check_optimizer_keys(optim)
   decay_mask = jax.tree.map(lambda no: not no, regex_mask(params, optim.no_decay))
   if optim.name == 'adamw':
     core = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,

@@ -27,6 +27,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import param_tree
+
 
 def make_mesh(axes: Sequence[tuple[str, int]] = (('data', -1),), devices=None) -> Mesh:
   """A mesh with the named axes; one size may be -1 for 'all remaining devices'.
@@ -128,7 +130,7 @@ def tree_shardings(tree: Any, rules: Sequence[tuple[str, str]], mesh: Mesh) -> A
   compiled = [(re.compile(pattern), parse_rule(rule, mesh)) for pattern, rule in rules]
 
   def sharding_for(path, leaf):
-    name = '/'.join(_key_name(k) for k in path)
+    name = param_tree.path_name(path)
     shape = tuple(getattr(leaf, 'shape', ()))
     for pattern, (kind, axes) in compiled:
       if pattern.fullmatch(name):
@@ -138,11 +140,4 @@ def tree_shardings(tree: Any, rules: Sequence[tuple[str, str]], mesh: Mesh) -> A
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(sharding_for, tree)
-
-
-def _key_name(key) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 

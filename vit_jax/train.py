@@ -7,6 +7,7 @@ are global arrays split over the mesh, and jit with explicit shardings does the 
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -124,7 +125,7 @@ def write_config(config, workdir: str) -> None:
 @dataclasses.dataclass
 class Steps:
   """The jitted functions of a run and the layout of its train state."""
-  init: Callable  # key -> state, sharded
+  init: Callable  # () -> fresh state from config.seed, sharded
   make_state: Callable  # variables -> state (fresh optimizer), jit it with out_shardings
   train: Callable  # (state, batch) -> (state, metrics); donates state
   eval: Callable  # (params, model_state, batch) -> summed metrics
@@ -136,12 +137,7 @@ def build_steps(config, model, objective, mesh, schedule) -> Steps:
   """Optimizer, sharded state layout and jitted steps for `model` under `objective`."""
   root_key = jax.random.key(config.seed)
   init_key, step_key, eval_key = jax.random.split(root_key, 3)
-  image_shape = (*models.layers.pair(model.image_size), model.channels)
-
-  def init_variables(key):
-    params_key, masking_key, dropout_key = jax.random.split(key, 3)
-    return model.init({'params': params_key, 'masking': masking_key, 'dropout': dropout_key},
-                      jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  init_variables = functools.partial(models.init_variables, model)
 
   abstract_variables = jax.eval_shape(init_variables, init_key)
   tx = optim.make_optimizer(config.optim, abstract_variables['params'], schedule,
@@ -231,8 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_micro_batches(config, mesh)
   data.ensure_prepared(config.data)
   info = data.dataset_info(config.data)
-  model = models.get_model(config.model_name, **{
-      **objective.model_overrides(info.num_classes), **config.model})
+  model = models.from_config(config, **objective.model_overrides(info.num_classes))
   data.check_dataset(config.data, info, image_size=model.image_size, channels=model.channels)
   total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
 
@@ -345,29 +340,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return {'step': step, 'preempted': 1.0}
     if not final:  # resumed a finished run: evaluate what it left
       final = evaluate(state)
-    if config.objective == 'mae' and config.reconstructions:
-      progress.print(f'Reconstructions: {write_reconstructions(config, model, mesh, state, workdir)}')
+    note = objective.finish(model, mesh, state, workdir)
+    if note:
+      progress.print(note)
   finally:
     profiler.close()
     preemption.close()
     checkpoints.close()
     writer.close()
   return final | {'step': step}
-
-
-def write_reconstructions(config, model, mesh, state, workdir: str) -> str:
-  """The four-panel MAE figure for the first eval images (collective: call on all processes)."""
-  from vit_jax import visualize  # pylint: disable=import-outside-toplevel
-  batch = next(iter(data.eval_iterator(
-      config.data, global_batch_size=config.eval_batch_size, mesh=mesh,
-      image_size=model.image_size, channels=model.channels)))
-  images, params = multihost_utils.process_allgather((batch['image'], state['params']),
-                                                     tiled=True)
-  path = os.path.join(workdir, 'reconstructions.png')
-  if jax.process_index() == 0:
-    visualize.save_reconstructions(model, params, images[:config.reconstructions], path,
-                                   mean=config.data.mean, std=config.data.std, seed=config.seed)
-  return path
 
 
 def summarize_train(pending, last_checkpoint) -> dict:

@@ -11,7 +11,7 @@ The training loop uses five functions:
                              channels=...):               # one exact, padded pass
     ...
 
-and, inside the jitted step, `mixup.mix` and `mixup.one_hot_smoothed`. Datasets are
+and, inside the jitted step, `mixup.mix`. Datasets are
 prepared once with `python scripts/prepare_dataset.py --dataset=NAME ...`; the built-in
 demo ('fashion_mnist_t10k', shipped in the package) is prepared automatically.
 
@@ -30,6 +30,9 @@ __all__ = ['DEMO_DATASET', 'DatasetInfo', 'EvalIterable', 'MissingDatasetError',
            'TrainIterator', 'check_dataset', 'dataset_info', 'default_data_config',
            'ensure_prepared', 'eval_iterator', 'train_iterator']
 
+
+# Channel means and standard deviations of ImageNet's pixels in [0, 1] (torchvision's).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Every key the input pipeline reads, with its default."""
@@ -59,8 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Resampling of every resize: 'bilinear' or 'bicubic'.
       interpolation='bilinear',
       # Normalisation of pixel values in [0, 1]: one value or one per channel.
-      # (0.5,)/(0.5,) maps to [-1, 1]; ImageNet statistics are
-      # (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225).
+      # (0.5,)/(0.5,) maps to [-1, 1]; ImageNet statistics are IMAGENET_MEAN/IMAGENET_STD.
       mean=(0.5,),
       std=(0.5,),
       # Host threads preparing whole batches (0: one per CPU core, at most 16; JPEG

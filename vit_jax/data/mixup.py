@@ -10,13 +10,6 @@ import jax
 import jax.numpy as jnp
 
 
-def one_hot_smoothed(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
-  """int (B,) -> float32 (B, num_classes): 1 - smoothing + smoothing / num_classes on the
-  label and smoothing / num_classes elsewhere (timm's convention; rows sum to 1)."""
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
-
-
 def _cutmix_box(rng: jax.Array, lam: jax.Array, height: int, width: int):
   """timm's rand_bbox: a box of (1 - lam) of the area (before clipping) centred at a
   uniform pixel, clipped to the image. Returns (mask (H, W) bool, corrected lambda)."""

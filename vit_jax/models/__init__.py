@@ -2,12 +2,20 @@
 
 Sizes are those of the ViT paper (Ti and S from DeiT/AugReg, mu and M from big_vision),
 and H/g/G of the scaling papers. Any patch size is accepted after the slash.
+
+The one way to build the model of a config and its fresh variables:
+
+  model = from_config(config, num_classes=10)     # get_model(config.model_name, ...)
+  variables = init_variables(model, jax.random.key(0))
 """
 
 import dataclasses
 import re
 
-from vit_jax.models import layers
+import jax
+import jax.numpy as jnp
+
+from vit_jax.models import layers, ops
 from vit_jax.models.mae import MAE
 from vit_jax.models.vit import ViT
 
@@ -70,4 +78,30 @@ def get_model(name: str, **overrides):
   return cls(**fields)
 
 
-__all__ = ['ViT', 'MAE', 'get_model', 'known_names', 'layers', 'VARIANTS']
+def from_config(config, **overrides):
+  """The model of a config: `config.model_name` with the fields of `config.model`.
+
+  `overrides` are what the objective sets (num_classes, ...); `config.model` wins over
+  them, so that a config can say anything.
+  """
+  return get_model(config.model_name, **{**overrides, **config.model})
+
+
+def input_shape(model) -> tuple[int, int, int]:
+  """(height, width, channels) of the images `model` takes."""
+  return (*layers.pair(model.image_size), model.channels)
+
+
+def init_variables(model, key: jax.Array) -> dict:
+  """Fresh variables of `model` (params, and batch_stats where it has BatchNorm).
+
+  `key` is split into the 'params', 'masking' and 'dropout' streams the models draw from;
+  the same key gives the same parameters on any device count and in any script.
+  """
+  params_key, masking_key, dropout_key = jax.random.split(key, 3)
+  return model.init({'params': params_key, 'masking': masking_key, 'dropout': dropout_key},
+                    jnp.zeros((1, *input_shape(model)), jnp.float32), train=False)
+
+
+__all__ = ['ViT', 'MAE', 'get_model', 'from_config', 'init_variables', 'input_shape',
+           'known_names', 'layers', 'ops', 'VARIANTS']

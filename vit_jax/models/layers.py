@@ -11,18 +11,18 @@ Two initialisation schemes are supported, named by `init_scheme`:
          qkv matrix for query/key/value, zero biases, patch embedding xavier-uniform
          as a linear layer, class token normal(0.02)).
 
-Speed: `gelu`, `layer_norm` and `softmax_attention` compute what flax's and jax's do,
-with backward passes written out that keep less memory; attention runs with the heads
-next to the batch, or through cuDNN on GPUs. docs/benchmarks.md has the measurements.
+The numerical kernels (attention, GELU, LayerNorm) are in ops.py, fast and reference
+versions side by side; the modules that use them take the `ops` field that chooses.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_jax.models import ops as ops_lib
 
 INIT_SCHEMES = ('vit', 'mae')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
@@ -179,100 +179,13 @@ def prepend_class_token(module: nn.Module, x, init_scheme: str):
   return jnp.concatenate([cls, x], axis=1)
 
 
-_SQRT_HALF = float(np.sqrt(0.5))
-_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
-
-
-def _normal_cdf(x):
-  return 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
-
-
-@jax.custom_vjp
-def gelu(x):
-  """Exact GELU, x * Phi(x) with Phi the standard normal CDF through erf.
-
-  The same function as nn.gelu(approximate=False), which goes through erfc, a costlier
-  lowering; they differ only by float rounding, most (relatively) for x < -3, where
-  the value is below 5e-3 in magnitude and 0.5 + 0.5 erf loses its last digits. The backward pass recomputes Phi from x, so that the block keeps one
-  activation for it instead of three: 0.22 GiB less temporary memory for the ViT-B/16
-  step at batch 8.
-  """
-  return x * _normal_cdf(x)
-
-
-def _gelu_fwd(x):
-  return gelu(x), x
-
-
-def _gelu_bwd(x, grad):
-  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
-  return (grad * (_normal_cdf(x) + x * pdf),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def _layer_norm_forward(x, scale, bias, epsilon):
-  # flax's nn.LayerNorm, operation for operation: float32 statistics, the variance as
-  # E[x^2] - E[x]^2 clipped at 0, y = (x - mean) * (rsqrt(var + eps) * scale) + bias.
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.maximum(0.0, jnp.mean(x32 * x32, axis=-1, keepdims=True) - mean * mean)
-  inv_std = jax.lax.rsqrt(var + epsilon)
-  return (x32 - mean) * (inv_std * scale) + bias, (mean, inv_std)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, epsilon):
-  """LayerNorm over the last axis in float32; the backward pass is written out.
-
-  Autodiff of the forward keeps and re-reads several (tokens, width) intermediates; the
-  closed form needs x and two numbers per token.
-  """
-  return _layer_norm_forward(x, scale, bias, epsilon)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, epsilon):
-  y, (mean, inv_std) = _layer_norm_forward(x, scale, bias, epsilon)
-  return y, (x, scale, mean, inv_std)
-
-
-def _layer_norm_bwd(epsilon, residuals, grad_y):
-  del epsilon
-  x, scale, mean, inv_std = residuals
-  normed = (x.astype(jnp.float32) - mean) * inv_std
-  grad_y = grad_y.astype(jnp.float32)
-  batch_axes = tuple(range(grad_y.ndim - 1))
-  grad_scale = jnp.sum(grad_y * normed, axis=batch_axes)
-  grad_bias = jnp.sum(grad_y, axis=batch_axes)
-  grad_normed = grad_y * scale
-  grad_x = inv_std * (grad_normed - jnp.mean(grad_normed, axis=-1, keepdims=True)
-                      - normed * jnp.mean(grad_normed * normed, axis=-1, keepdims=True))
-  return grad_x.astype(x.dtype), grad_scale, grad_bias
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(nn.Module):
-  """nn.LayerNorm's parameters (`scale` ones, `bias` zeros) and forward; `layer_norm`."""
-  epsilon: float = 1e-6
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    features = (x.shape[-1],)
-    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
-    return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype or x.dtype)
-
-
 class MlpBlock(nn.Module):
   """Dense -> exact GELU -> dropout -> Dense -> dropout."""
   mlp_dim: int
   dropout: float = 0.0
   init_scheme: str = 'vit'
   dtype: Any = jnp.float32
+  ops: str = 'fast'
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -282,86 +195,10 @@ class MlpBlock(nn.Module):
         features, dtype=self.dtype, kernel_init=xavier_uniform, bias_init=bias_init, name=name)
     width = x.shape[-1]
     x = dense(self.mlp_dim, 'Dense_0')(x)
-    x = gelu(x)
+    x = ops_lib.activation(x, self.ops)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = dense(width, 'Dense_1')(x)
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
-
-
-def _softmax_attention_forward(query, key, value):
-  """-> output in the compute dtype, (probabilities, output in float32) for the backward."""
-  logits = jnp.einsum('bhqd,bhkd->bhqk', query, key, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum('bhqk,bhkd->bhqd', probs, value, preferred_element_type=jnp.float32)
-  return out.astype(value.dtype), (probs, out)
-
-
-@jax.custom_vjp
-def softmax_attention(query, key, value):
-  """softmax(query key^T) value for (batch, heads, tokens, head_dim) arrays, already scaled.
-
-  Logits and softmax are float32 whatever the compute dtype. The backward pass is written
-  out with FlashAttention's identity rowsum(dP * P) = rowsum(dO * O), which replaces a
-  reduction over (tokens, tokens) by one over (tokens, head_dim). On CPU, against
-  autodiff of the same forward: ViT-B/16 trains about 5% faster and its step needs
-  0.28 GiB (14%) less temporary memory at batch 8.
-  """
-  return _softmax_attention_forward(query, key, value)[0]
-
-
-def _softmax_attention_fwd(query, key, value):
-  # The float32 output keeps rowsum(dO * O) accurate in bfloat16: from the rounded
-  # output, the query and key gradients were twice as far from float32's as autodiff's.
-  out, (probs, out32) = _softmax_attention_forward(query, key, value)
-  return out, (query, key, value, probs, out32)
-
-
-def _softmax_attention_bwd(residuals, grad_out):
-  query, key, value, probs, out = residuals
-  grad_value = jnp.einsum('bhqk,bhqd->bhkd', probs, grad_out)
-  grad_probs = jnp.einsum('bhqd,bhkd->bhqk', grad_out, value, preferred_element_type=jnp.float32)
-  row_dot = jnp.sum(grad_out.astype(jnp.float32) * out, axis=-1, keepdims=True)
-  grad_logits = (probs.astype(jnp.float32) * (grad_probs - row_dot)).astype(query.dtype)
-  grad_query = jnp.einsum('bhqk,bhkd->bhqd', grad_logits, key)
-  grad_key = jnp.einsum('bhqk,bhqd->bhkd', grad_logits, query)
-  return grad_query, grad_key, grad_value
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
-def use_cudnn_attention(dtype, head_dim: int | None = None) -> bool:
-  """Whether `dot_product_attention` asks for cuDNN's fused kernel.
-
-  Decided up front, when the model is traced, because cuDNN's refusals come when XLA
-  compiles, too late to fall back: an NVIDIA GPU of compute capability 8.0 or more
-  (Ampere, Hopper, Blackwell), a 16-bit dtype, and a head dimension that is a multiple
-  of 8 and at most 128.
-  """
-  if jax.default_backend() != 'gpu':
-    return False
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return False
-  if head_dim is not None and (head_dim % 8 or head_dim > 128):
-    return False
-  capability = getattr(jax.devices()[0], 'compute_capability', None)  # None on ROCm
-  try:
-    return capability is not None and float(capability) >= 8.0
-  except ValueError:
-    return False
-
-
-def dot_product_attention(query, key, value):
-  """Attention of (batch, tokens, heads, head_dim) arrays, queries already scaled.
-
-  cuDNN's fused kernel where `use_cudnn_attention` says so (jax.nn.dot_product_attention
-  does not pick it by itself); elsewhere `softmax_attention` with the
-  heads moved next to the batch: XLA's CPU matmuls want (batch, heads, tokens, head_dim),
-  and the transposes cost less than batched matmuls over strided heads.
-  """
-  if use_cudnn_attention(query.dtype, query.shape[-1]):
-    return jax.nn.dot_product_attention(query, key, value, scale=1.0, implementation='cudnn')
-  return softmax_attention(*(x.swapaxes(1, 2) for x in (query, key, value))).swapaxes(1, 2)
 
 
 class _DenseGeneralParams(nn.Module):
@@ -389,12 +226,13 @@ class Attention(nn.Module):
   other layouts every step, which made MAE-B/16 training 6-13% slower. One matmul on the
   three kernels concatenated was no faster on CPU: the concatenation and the slicing of
   its gradient, every step, cost what the larger matmul saves. Without attention dropout
-  it calls `dot_product_attention`; with it, it spells the softmax out.
+  it calls `ops.dot_product_attention`; with it, it spells the softmax out.
   """
   num_heads: int
   dropout: float = 0.0
   init_scheme: str = 'vit'
   dtype: Any = jnp.float32
+  ops: str = 'fast'
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, *, deterministic: bool):
@@ -419,7 +257,7 @@ class Attention(nn.Module):
       probs = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), value)
     else:
-      out = dot_product_attention(query, key, value)
+      out = ops_lib.dot_product_attention(query, key, value, self.ops)
     kernel, bias = _DenseGeneralParams(heads_shape, (width,), xavier_uniform, name='out')()
     out = out.reshape(*out.shape[:-2], width)
     return out @ kernel.astype(self.dtype) + bias.astype(self.dtype)
@@ -445,11 +283,12 @@ class EncoderBlock(nn.Module):
   layernorm_epsilon: float = 1e-6
   init_scheme: str = 'vit'
   dtype: Any = jnp.float32
+  ops: str = 'fast'
 
   @nn.compact
   def __call__(self, x, drop_path_rate, deterministic: bool):
-    norm = lambda name: LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,  # noqa: E731
-                                     name=name)
+    norm = lambda name: ops_lib.norm(self.ops, epsilon=self.layernorm_epsilon,  # noqa: E731
+                                     dtype=self.dtype, name=name)
 
     def residual(x, y):
       if self.use_drop_path and not deterministic:
@@ -458,11 +297,12 @@ class EncoderBlock(nn.Module):
 
     y = norm('LayerNorm_0')(x)
     y = Attention(self.num_heads, self.attention_dropout, self.init_scheme, self.dtype,
-                  name='MultiHeadDotProductAttention_1')(y, y, deterministic=deterministic)
+                  self.ops, name='MultiHeadDotProductAttention_1')(
+                      y, y, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = residual(x, y)
     y = norm('LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.init_scheme, self.dtype,
+    y = MlpBlock(self.mlp_dim, self.dropout, self.init_scheme, self.dtype, self.ops,
                  name='MlpBlock_3')(y, deterministic=deterministic)
     return residual(x, y), None
 
@@ -491,6 +331,7 @@ class Encoder(nn.Module):
     drop_path: stochastic-depth rate of the last block; block i gets i/(depth-1) of it.
     scan: run the blocks with `nn.scan` (parameters stacked under `encoderblock`).
     remat_policy: 'none', 'full' (save nothing) or a name in `jax.checkpoint_policies`.
+    ops: 'fast' or 'reference' kernels, see ops.py.
   """
   depth: int
   num_heads: int
@@ -507,6 +348,7 @@ class Encoder(nn.Module):
   remat_policy: str = 'none'
   init_scheme: str = 'vit'
   dtype: Any = jnp.float32
+  ops: str = 'fast'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -529,7 +371,7 @@ class Encoder(nn.Module):
                         attention_dropout=self.attention_dropout,
                         use_drop_path=self.drop_path > 0.0,
                         layernorm_epsilon=self.layernorm_epsilon,
-                        init_scheme=self.init_scheme, dtype=self.dtype)
+                        init_scheme=self.init_scheme, dtype=self.dtype, ops=self.ops)
     rates = np.linspace(0.0, self.drop_path, self.depth, dtype=np.float32)
     if self.scan:
       scanned = nn.scan(block_cls, variable_axes={'params': 0},
@@ -541,7 +383,8 @@ class Encoder(nn.Module):
         x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x, float(rates[i]),
                                                                      deterministic)
     if self.final_norm:
-      x = LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name='encoder_norm')(x)
+      x = ops_lib.norm(self.ops, epsilon=self.layernorm_epsilon, dtype=self.dtype,
+                       name='encoder_norm')(x)
     return x
 
 
@@ -551,48 +394,17 @@ class MAPHead(nn.Module):
   mlp_dim: int
   layernorm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  ops: str = 'fast'
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     probe = self.param('probe', xavier_uniform, (1, 1, width), jnp.float32)
     probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, width))
-    x = Attention(self.num_heads, dtype=self.dtype, name='MultiHeadDotProductAttention_0')(
-        probe, x, deterministic=True)
-    y = LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name='LayerNorm_0')(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y, deterministic=True)
+    x = Attention(self.num_heads, dtype=self.dtype, ops=self.ops,
+                  name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)
+    y = ops_lib.norm(self.ops, epsilon=self.layernorm_epsilon, dtype=self.dtype,
+                     name='LayerNorm_0')(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, ops=self.ops, name='MlpBlock_0')(
+        y, deterministic=True)
     return x[:, 0]
-
-
-def _is_block_key(key: str, prefix: str) -> bool:
-  return key.startswith(prefix + '_') and key[len(prefix) + 1:].isdigit()
-
-
-def scan_params(params, prefix: str = 'encoderblock'):
-  """Unscanned -> scanned layout: stacks every `{prefix}_{i}` subtree into `{prefix}`.
-
-  Works at any depth of the tree (the ViT trunk, the MAE decoder, ...).
-  """
-  if not isinstance(params, dict):
-    return params
-  blocks = sorted((k for k in params if _is_block_key(k, prefix)),
-                  key=lambda k: int(k.rsplit('_', 1)[1]))
-  out = {k: scan_params(v, prefix) for k, v in params.items() if k not in blocks}
-  if blocks:
-    out[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in blocks])
-  return out
-
-
-def unscan_params(params, prefix: str = 'encoderblock'):
-  """Scanned -> unscanned layout: splits `{prefix}` along axis 0 into `{prefix}_{i}`."""
-  if not isinstance(params, dict):
-    return params
-  out = {}
-  for k, v in params.items():
-    if k == prefix and isinstance(v, dict):
-      depth = jax.tree.leaves(v)[0].shape[0]
-      for i in range(depth):
-        out[f'{prefix}_{i}'] = jax.tree.map(lambda x, i=i: x[i], v)
-    else:
-      out[k] = unscan_params(v, prefix)
-  return out

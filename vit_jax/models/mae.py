@@ -14,6 +14,7 @@ mask, and the masks do not depend on how the batch is split over devices.
 
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ class MAE(nn.Module):
       (official defaults 512, 8, 16, 2048).
     mask_ratio: fraction of patches removed (0.75).
     norm_pix_loss: normalise each target patch by its mean and std.
-    layernorm_epsilon, dtype, scan, remat_policy, init_scheme: as in ViT; the
+    layernorm_epsilon, dtype, scan, remat_policy, init_scheme, ops: as in ViT; the
       default init is MAE's.
   """
   patch_size: int = 16
@@ -89,6 +90,7 @@ class MAE(nn.Module):
   scan: bool = False
   remat_policy: str = 'none'
   init_scheme: str = 'mae'
+  ops: str = 'fast'
 
   def __post_init__(self):
     check_vit_fields(self, 'MAE')
@@ -105,13 +107,13 @@ class MAE(nn.Module):
   def grid(self) -> tuple[int, int]:
     return patch_grid(self.image_size, self.patch_size)
 
-  def _trunk(self, name, *, width_heads_mlp_depth, posemb):
-    num_heads, mlp_dim, depth = width_heads_mlp_depth
+  def _trunk(self, name, *, depth, num_heads, mlp_dim, posemb):
+    """The encoder's or the decoder's blocks; their width is that of the tokens given."""
     return layers.Encoder(depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, posemb=posemb,
                           grid=self.grid, num_prefix_tokens=1,
                           layernorm_epsilon=self.layernorm_epsilon, scan=self.scan,
                           remat_policy=self.remat_policy, init_scheme=self.init_scheme,
-                          dtype=jnp.dtype(self.dtype), name=name)
+                          dtype=jnp.dtype(self.dtype), ops=self.ops, name=name)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, noise=None):
@@ -144,9 +146,8 @@ class MAE(nn.Module):
     posemb = jnp.asarray(layers.sincos2d_table(self.grid, self.width), dtype)
     x = x + posemb[ids_keep]
     x = layers.prepend_class_token(self, x, self.init_scheme)  # its position embedding is 0
-    x = self._trunk('Transformer', width_heads_mlp_depth=(self.num_heads, self.mlp_dim,
-                                                          self.depth),
-                    posemb='none')(x, train=train)
+    x = self._trunk('Transformer', depth=self.depth, num_heads=self.num_heads,
+                    mlp_dim=self.mlp_dim, posemb='none')(x, train=train)
 
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=dtype, kernel_init=layers.xavier_uniform, name=name)
@@ -159,12 +160,12 @@ class MAE(nn.Module):
                                                                self.decoder_width))], axis=1)
     patches = layers.take_tokens(patches, ids_restore)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
-    x = self._trunk('Decoder', width_heads_mlp_depth=(self.decoder_num_heads,
-                                                      self.decoder_mlp_dim, self.decoder_depth),
-                    posemb='sincos2d')(x, train=train)
+    x = self._trunk('Decoder', depth=self.decoder_depth, num_heads=self.decoder_num_heads,
+                    mlp_dim=self.decoder_mlp_dim, posemb='sincos2d')(x, train=train)
     pred = dense(self.patch_size**2 * self.channels, 'decoder_pred')(x)[:, 1:]
     pred = pred.astype(jnp.float32)
 
     target = layers.patchify(images, self.patch_size)
+    chex.assert_equal_shape((pred, target))
     loss = masked_patch_loss(pred, target, mask, self.norm_pix_loss)
     return loss, pred, mask

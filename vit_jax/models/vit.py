@@ -20,11 +20,12 @@ Parameter tree (unscanned), the layout of the public vit_jax `.npz` checkpoints:
 
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models import layers
+from vit_jax.models import layers, ops
 
 POOLS = ('tok', 'gap', 'map')
 POSEMBS = ('learn', 'sincos2d')
@@ -49,6 +50,8 @@ def check_vit_fields(module, name: str) -> None:
   if module.init_scheme not in layers.INIT_SCHEMES:
     raise ValueError(f'{name}: init_scheme {module.init_scheme!r} is not one of '
                      f'{layers.INIT_SCHEMES}.')
+  if module.ops not in ops.OPS:
+    raise ValueError(f'{name}: ops {module.ops!r} is not one of {ops.OPS}.')
   if module.remat_policy not in layers.REMAT_POLICIES:
     raise ValueError(f'{name}: remat_policy {module.remat_policy!r} is not one of '
                      f'{layers.REMAT_POLICIES}.')
@@ -63,8 +66,9 @@ def check_images(images, image_size, channels: int, name: str) -> None:
   expected = layers.pair(image_size)
   if images.ndim != 4 or tuple(images.shape[1:3]) != expected or images.shape[3] != channels:
     raise ValueError(f'{name} expects images of shape (batch, {expected[0]}, {expected[1]}, '
-                     f'{channels}), got {tuple(images.shape)}. Set image_size/channels of the '
-                     f'model or resize the input (grayscale data: data.channels=3 in the config).')
+                     f'{channels}), got {tuple(images.shape)}. Set the model\'s image_size and '
+                     f'channels (config.model.image_size, config.model.channels; the data '
+                     f'pipeline resizes and converts to them) or resize the input.')
 
 
 class ViT(nn.Module):
@@ -87,7 +91,7 @@ class ViT(nn.Module):
     drop_path: stochastic depth rate of the last block (linear in depth from 0).
     layernorm_epsilon: 1e-6 as in vision_transformer, timm and MAE.
     dtype: compute dtype; parameters stay float32.
-    scan: run blocks with nn.scan (see layers.scan_params/unscan_params).
+    scan: run blocks with nn.scan (see vit_jax.param_tree.scan_params/unscan_params).
     remat_policy: 'none', 'full' or a name in jax.checkpoint_policies.
     head_init_std: 0.0 initialises the head with zeros (vision_transformer); otherwise
       a truncated normal with this std (MAE fine-tuning uses 2e-5, linear probing 0.01).
@@ -95,6 +99,7 @@ class ViT(nn.Module):
     frozen_encoder: stop gradients below the head, so that backpropagation skips the
       encoder of a linear probe.
     init_scheme: 'vit' or 'mae', see layers.py.
+    ops: 'fast' kernels or the plain-JAX 'reference' ones, see ops.py.
   """
   num_classes: int = 1000
   patch_size: int = 16
@@ -120,6 +125,7 @@ class ViT(nn.Module):
   head_batchnorm: bool = False
   frozen_encoder: bool = False
   init_scheme: str = 'vit'
+  ops: str = 'fast'
 
   def __post_init__(self):
     check_vit_fields(self, 'ViT')
@@ -162,7 +168,7 @@ class ViT(nn.Module):
         attention_dropout=self.attention_dropout, drop_path=self.drop_path,
         layernorm_epsilon=self.layernorm_epsilon, scan=self.scan,
         remat_policy=self.remat_policy, init_scheme=self.init_scheme, dtype=dtype,
-        name='Transformer')(x, train=train)
+        ops=self.ops, name='Transformer')(x, train=train)
 
     if self.pool == 'tok':
       x = x[:, 0]
@@ -170,11 +176,12 @@ class ViT(nn.Module):
       x = jnp.mean(x[:, self.num_prefix_tokens:], axis=1)
     else:
       x = layers.MAPHead(self.num_heads, self.mlp_dim, self.layernorm_epsilon, dtype,
-                         name='MAPHead_0')(x)
+                         self.ops, name='MAPHead_0')(x)
     if self.use_fc_norm:
-      x = layers.LayerNorm(epsilon=self.layernorm_epsilon, dtype=dtype, name='fc_norm')(x)
+      x = ops.norm(self.ops, epsilon=self.layernorm_epsilon, dtype=dtype, name='fc_norm')(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name='pre_logits')(x))
+    chex.assert_shape(x, (images.shape[0], self.representation_size or self.width))
     if not self.num_classes:
       return x.astype(jnp.float32)
     if self.frozen_encoder:
@@ -184,5 +191,5 @@ class ViT(nn.Module):
                        use_scale=False, use_bias=False, dtype=jnp.float32, name='head_norm')(x)
     head_init = (nn.initializers.zeros if not self.head_init_std
                  else nn.initializers.truncated_normal(self.head_init_std))
-    x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=head_init, name='head')(x)
-    return x.astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, dtype=dtype, kernel_init=head_init, name='head')(x)
+    return logits.astype(jnp.float32)
