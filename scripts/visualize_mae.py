@@ -20,11 +20,10 @@ import sys
 from absl import app, flags
 import jax
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vit_jax import checkpoint, data, interop, models, sharding, train, visualize  # noqa: E402
+from vit_jax import checkpoint, config_utils, data, interop, models, sharding, train, visualize  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir of an MAE run.')
 _MODEL = flags.DEFINE_string('model', None, 'Model name when there is no workdir.')
@@ -35,17 +34,6 @@ _NUM = flags.DEFINE_integer('num_images', 8, 'How many images.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the masks (and of fresh weights).')
 _OUTPUT = flags.DEFINE_string('output', 'reconstructions.png', 'PNG to write.')
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def load_image_files(paths, model, mean, std):
-  size = models.layers.pair(model.image_size)
-  images = []
-  for path in paths:
-    image = Image.open(path).convert('L' if model.channels == 1 else 'RGB')
-    image = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
-    images.append(image.reshape(*size, model.channels))
-  return (np.stack(images) - np.asarray(mean)) / np.asarray(std)
 
 
 def main(argv):
@@ -57,7 +45,7 @@ def main(argv):
     _, params = checkpoint.load_params(_CHECKPOINT.value or _WORKDIR.value)
   elif _MODEL.value:
     model = models.get_model(_MODEL.value, norm_pix_loss=_NORM_PIX.value)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    mean, std = config_utils.IMAGENET_MEAN, config_utils.IMAGENET_STD
     config = None
     fresh = model.init({'params': jax.random.key(_SEED.value), 'masking': jax.random.key(0)},
                        np.zeros((1, *models.layers.pair(model.image_size), model.channels),
@@ -73,7 +61,7 @@ def main(argv):
     raise app.UsageError(f'{model.__class__.__name__} is not an MAE model.')
 
   if _IMAGES.value:
-    images = load_image_files(_IMAGES.value, model, mean, std)
+    images = visualize.load_image_files(_IMAGES.value, model, mean, std)
   elif config is not None:
     mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
     batch = next(iter(data.eval_iterator(config.data, global_batch_size=_NUM.value, mesh=mesh,

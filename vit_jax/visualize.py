@@ -31,6 +31,17 @@ def reconstruct(model, params, images, key):
   return masked, reconstruction, pasted
 
 
+def load_image_files(paths, model, mean, std) -> np.ndarray:
+  """Image files -> (batch, H, W, C) float32 at the model's size, normalised by mean/std."""
+  size = layers.pair(model.image_size)
+  images = []
+  for path in paths:
+    image = Image.open(path).convert('L' if model.channels == 1 else 'RGB')
+    image = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
+    images.append(image.reshape(*size, model.channels))
+  return (np.stack(images) - np.asarray(mean)) / np.asarray(std)
+
+
 def to_uint8(images, mean, std):
   """Normalised (batch, H, W, C) -> uint8 RGB, grayscale repeated to 3 channels."""
   images = np.asarray(images, np.float32) * np.asarray(std) + np.asarray(mean)
