@@ -209,8 +209,9 @@ def draw_filters(components, explained, path: str) -> None:
   ax.imshow(np.where(np.isnan(image), 1.0, image) if image.ndim == 3 else
             np.ma.masked_invalid(image), cmap=cmap, vmin=0, vmax=1, interpolation='nearest')
   ax.set_axis_off()
-  ax.set_title(f'Patch embedding: top {k} principal components\n'
-               f'({100 * explained.sum():.0f}% of the filters\' variance)', fontsize=9)
+  dims = int(np.prod(components.shape[1:]))
+  ax.set_title(f'Patch embedding: top {k} of {dims} principal components\n'
+               f'({100 * explained.sum():.1f}% of the filters\' variance)', fontsize=9)
   fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
 

@@ -39,7 +39,7 @@ def load_image_files(paths, model, mean, std) -> np.ndarray:
     image = Image.open(path).convert('L' if model.channels == 1 else 'RGB')
     image = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
     images.append(image.reshape(*size, model.channels))
-  return (np.stack(images) - np.asarray(mean)) / np.asarray(std)
+  return ((np.stack(images) - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
 
 def to_uint8(images, mean, std):
