@@ -224,7 +224,10 @@ def draw_position_similarity(similarity, grid, kind: str, path: str) -> None:
   fig, ax = plt.subplots(figsize=(size + 0.8, size * rows / cols + 0.6))
   cmap = plt.get_cmap('viridis').copy()
   cmap.set_bad('white')
-  shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, vmin=-1, vmax=1,
+  # The colour range starts at the lowest similarity, not at -1: a fixed sincos2d table is
+  # similar everywhere (0.74 to 1 on a 7x7 grid of width 128), and -1..1 hides its structure.
+  low = min(0.9, math.floor(float(np.nanmin(image)) * 10) / 10)
+  shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, vmin=low, vmax=1,
                     interpolation='nearest')
   ax.set_xticks([c * (cols + 1) + cols / 2 - 0.5 for c in range(cols)], range(1, cols + 1),
                 fontsize=6)
@@ -363,6 +366,9 @@ def main(argv):
                                          overrides)
     images, mean, std, images_from = load_images(model, config, _IMAGES.value, _NUM_IMAGES.value)
     output_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value or '.', 'analysis')
+    kind, _, where = source.partition(':')
+    if where.startswith(os.getcwd() + os.sep):  # paths under the current folder, relative
+      source = f'{kind}:{os.path.relpath(where)}'
     result = {'source': source, 'images': images_from, 'model': {
         k: getattr(model, k) for k in ('patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
                                        'image_size', 'channels', 'pool', 'class_token',
