@@ -20,7 +20,6 @@ import sys
 from absl import app, flags
 import jax
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,16 +34,6 @@ _NUM = flags.DEFINE_integer('num_images', 8, 'How many images.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the masks (and of fresh weights).')
 _OUTPUT = flags.DEFINE_string('output', 'reconstructions.png', 'PNG to write.')
 
-
-
-def load_image_files(paths, model, mean, std):
-  size = models.input_shape(model)[:2]
-  images = []
-  for path in paths:
-    image = Image.open(path).convert('L' if model.channels == 1 else 'RGB')
-    image = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
-    images.append(image.reshape(*size, model.channels))
-  return (np.stack(images) - np.asarray(mean)) / np.asarray(std)
 
 
 def main(argv):
@@ -69,7 +58,7 @@ def main(argv):
     raise app.UsageError(f'{model.__class__.__name__} is not an MAE model.')
 
   if _IMAGES.value:
-    images = load_image_files(_IMAGES.value, model, mean, std)
+    images = visualize.load_image_files(_IMAGES.value, model, mean, std)
   elif config is not None:
     mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
     batch = next(iter(data.eval_iterator(config.data, global_batch_size=_NUM.value, mesh=mesh,

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 

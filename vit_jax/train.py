@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 import signal
 import time

@@ -7,6 +7,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
+from vit_jax import models
 from vit_jax.models import layers
 
 TITLES = ('original', 'masked', 'reconstruction', '+ visible')
@@ -30,6 +31,17 @@ def reconstruct(model, params, images, key):
   reconstruction = unpatch(pred)
   pasted = unpatch(target * (1 - removed) + pred * removed)
   return masked, reconstruction, pasted
+
+
+def load_image_files(paths, model, mean, std) -> np.ndarray:
+  """Image files -> (batch, H, W, C) float32 at the model's size, normalised by mean/std."""
+  size = models.input_shape(model)[:2]
+  images = []
+  for path in paths:
+    image = Image.open(path).convert('L' if model.channels == 1 else 'RGB')
+    image = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
+    images.append(image.reshape(*size, model.channels))
+  return ((np.stack(images) - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
 
 def to_uint8(images, mean, std):
