@@ -39,10 +39,7 @@ def _recipe(filename: str):
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, variant='mae', epochs=0.0)
-  if arg.variant not in VARIANTS:
-    raise ValueError(f'Unknown variant {arg.variant!r} of configs/fashion_mnist.py; '
-                     f'known: {sorted(VARIANTS)}.')
+  arg = config_utils.parse_arg(arg, variants=tuple(VARIANTS), variant='mae', epochs=0.0)
   filename, epochs = VARIANTS[arg.variant]
   config = _recipe(filename)
   config.data.name = 'fashion_mnist'

@@ -14,19 +14,21 @@ from vit_jax import data, interop, objectives, optim
 VARIANTS = ('demo',)  # the bare words a config file's :ARG accepts
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, *, variants: tuple = VARIANTS,
+              **defaults) -> ml_collections.ConfigDict:
   """'model=B/16,data=imagenet2012' -> ConfigDict; a bare word 'demo' -> variant='demo'.
 
-  Only the keys given in `defaults` are accepted, with their types.
+  Only the keys given in `defaults` are accepted, with their types, and only the bare
+  words in `variants`.
   """
   parsed = dict(defaults)
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if not sep:
       key, value = 'variant', key
-      if value not in VARIANTS:
+      if value not in variants:
         raise ValueError(f'Unknown config argument {value!r} in {arg!r}: a bare word names a '
-                         f'variant, one of {VARIANTS}; other arguments are key=value with '
+                         f'variant, one of {variants}; other arguments are key=value with '
                          f'keys {sorted(k for k in defaults if k != "variant")}.')
     if key not in defaults:
       raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.')
