@@ -39,7 +39,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vit_jax import analysis, checkpoint, data, interop, models, train  # noqa: E402
+from vit_jax import analysis, checkpoint, data, param_tree, interop, models, train  # noqa: E402
 from vit_jax import visualize  # noqa: E402
 from vit_jax.models import layers  # noqa: E402
 
@@ -77,7 +77,7 @@ def flat_params(tree) -> dict[str, np.ndarray]:
   """Nested or flat ('/' keys), scanned or not -> flat '/' keys, unscanned, numpy."""
   if any('/' in key for key in tree):
     tree = traverse_util.unflatten_dict(dict(tree), sep='/')
-  tree = layers.unscan_params(tree)
+  tree = param_tree.unscan_params(tree)
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
 
 
@@ -149,8 +149,8 @@ def load(workdir, checkpoint_path, model_name, overrides):
   else:
     name, fields = model_name, fields_from_params(flat)
   model = build_model(name, {**fields, **overrides})
-  init_images = np.zeros((1, *layers.pair(model.image_size), model.channels), np.float32)
-  fresh = jax.device_get(jax.jit(model.init)(jax.random.key(0), init_images)['params'])
+  fresh = jax.device_get(jax.jit(lambda key: models.init_variables(model, key))(
+      jax.random.key(0))['params'])
   params, report = interop.fit_params(flat, fresh, ignore_unexpected=NOT_ANALYSED,
                                       new_grid=model.grid, source=weights)
   print(f'{model.__class__.__name__} {encoder_name(name)} from {source}: {report}')

@@ -76,7 +76,7 @@ def attention_weights(model, params, images):
   """
   if getattr(model, 'scan', False):
     raise ValueError('attention_weights needs an unscanned model (scan=False); convert the '
-                     'parameters with layers.unscan_params.')
+                     'parameters with param_tree.unscan_params.')
   _, state = model.apply({'params': params}, images, train=False,
                          capture_intermediates=_keep_attention_inputs,
                          mutable=['intermediates'])
