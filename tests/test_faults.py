@@ -60,28 +60,26 @@ def copy_of(straight_run, tmp_path):
   return workdir
 
 
-def largest_array_file(step_dir):
-  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / 'state')
-           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
-  return max(files, key=os.path.getsize)
+def array_data_files(step_dir):
+  # Every data file of the state: which file holds which array is Orbax's choice, and a
+  # step folder may also hold data files its manifest no longer names (one file alone
+  # was read back without an error now and then in the suite).
+  return [os.path.join(root, name) for root, _, names in os.walk(step_dir / 'state')
+          for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
 
 
 def truncate_array_file(step_dir):
-  # Every data file of the state, cut to half: which file holds which array is Orbax's
-  # choice, and cutting one file alone was once read back without an error in the suite.
-  for root, _, names in os.walk(step_dir / 'state'):
-    for name in names:
-      path = os.path.join(root, name)
-      if os.sep + 'd' + os.sep in path:
-        with open(path, 'r+b') as f:
-          f.truncate(os.path.getsize(path) // 2)
+  for path in array_data_files(step_dir):
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def random_bytes_in_array_file(step_dir):
-  path = largest_array_file(step_dir)
-  noise = np.random.default_rng(0).integers(0, 256, os.path.getsize(path), dtype=np.uint8)
-  with open(path, 'wb') as f:
-    f.write(noise.tobytes())
+  rng = np.random.default_rng(0)
+  for path in array_data_files(step_dir):
+    noise = rng.integers(0, 256, os.path.getsize(path), dtype=np.uint8)
+    with open(path, 'wb') as f:
+      f.write(noise.tobytes())
 
 
 def empty_data_metadata(step_dir):
