@@ -18,7 +18,6 @@ then, for example (ARG: mae | finetune | probe | scratch, and epochs=N):
 of a random start), for training the same classifier from scratch.
 """
 
-import importlib.util
 import os
 
 from vit_jax import config_utils
@@ -31,11 +30,8 @@ TRAIN_EXAMPLES = 60_000
 
 def _recipe(filename: str):
   """The demo variant of a sibling config file."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
-  spec = importlib.util.spec_from_file_location(f'_configs_{filename[:-3]}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('demo')
+  return config_utils.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), filename), 'demo')
 
 
 def get_config(arg=None):

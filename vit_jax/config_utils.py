@@ -6,12 +6,24 @@ A config file's `get_config(arg)` takes 'key=value' pairs separated by commas, e
 keys included).
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from vit_jax import data, interop, objectives, optim
 
 
 VARIANTS = ('demo',)  # the bare words a config file's :ARG accepts
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path` (configs/FILE.py), unlocked."""
+  spec = importlib.util.spec_from_file_location(
+      '_vit_jax_config_' + os.path.basename(path).removesuffix('.py'), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, *, variants: tuple = VARIANTS,

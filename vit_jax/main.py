@@ -20,7 +20,6 @@ Several processes (a TPU pod, a GPU cluster, or several processes on one machine
 """
 
 import difflib
-import importlib.util
 import logging as std_logging
 import os
 import re
@@ -89,10 +88,8 @@ def _checked_config():
   config.model takes new keys: get_model checks them against the model's fields)."""
   path = flags.FLAGS['config'].config_filename
   file, _, arg = path.partition(':')
-  spec = importlib.util.spec_from_file_location('vit_jax_config_file', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  fresh = module.get_config(*([arg] if arg else []))
+  from vit_jax import config_utils  # pylint: disable=import-outside-toplevel
+  fresh = config_utils.load_config_file(file, arg)
   config = _CONFIG.value
   known = set(_flatten(fresh))
   for key in sorted(set(_flatten(config)) - known):

@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import data, metrics, models, objectives, optim, sharding, train  # noqa: E402
+from vit_jax import config_utils, data, metrics, models, objectives, optim, sharding, train  # noqa: E402
 
 GiB = 2**30
 
@@ -475,11 +475,7 @@ def paper_hardware(config_file: str) -> str:
 
 
 def load_config(config_file: str, arg: str) -> ml_collections.ConfigDict:
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('preflight_config', config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_utils.load_config_file(config_file, arg)
 
 
 def main(argv):

@@ -219,10 +219,8 @@ def load_config(spec: str):
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ValueError(f'config {spec!r}: no such file {path!r}.')
-  module_spec = importlib.util.spec_from_file_location('_vit_jax_config_file', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  from vit_jax import config_utils  # pylint: disable=import-outside-toplevel
+  config = config_utils.load_config_file(path, arg)
   config.lock()
   return config
 
