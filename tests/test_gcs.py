@@ -1,8 +1,9 @@
 """A run whose workdir is a gs:// bucket, on a GCS emulator (fake-gcs-server) on loopback.
 
 Skips unless requirements-gcs.txt is installed. Orbax (through tensorstore), etils.epath
-(through gcsfs) and tensorboardX (through google-cloud-storage) are each pointed at the
-emulator by an environment variable.
+(through gcsfs), tensorboardX (through google-cloud-storage) and array_record's dataset
+reader (through google-cloud-cpp) are each pointed at the emulator by an environment
+variable.
 """
 
 import glob
@@ -27,7 +28,8 @@ from etils import epath  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from tests.test_main import env8, main_command, tiny_flags  # noqa: E402
-from vit_jax import checkpoint, metrics  # noqa: E402
+from vit_jax import checkpoint, data, metrics  # noqa: E402
+from vit_jax.data import datasets  # noqa: E402
 
 
 def free_port() -> int:
@@ -64,6 +66,8 @@ def emulator():
   try:
     env = {'STORAGE_EMULATOR_HOST': url,  # google-cloud-storage and gcsfs
            'TENSORSTORE_GCS_HTTP_URL': url,  # tensorstore, under Orbax
+           # array_record; without it, it waits minutes for real GCS credentials.
+           'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
            'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
            'GOOGLE_CLOUD_PROJECT': 'test', 'NO_GCE_CHECK': 'True'}
     os.environ.update(env)
@@ -78,9 +82,22 @@ def emulator():
     os.environ.update(saved)
 
 
-def test_a_run_in_a_bucket_is_killed_and_resumes_from_it(emulator, tmp_path):
+@pytest.fixture(scope='module')
+def bucket_data_dir(emulator, tmp_path_factory):
+  """(gs:// data_dir, local data_dir) both holding the demo dataset, prepared locally and
+  copied (as `gcloud storage cp -r` would)."""
+  del emulator
+  local_dir, bucket_dir = tmp_path_factory.mktemp('tfds'), 'gs://runs/tfds'
+  prepared = epath.Path(datasets.prepare(datasets.DEMO_DATASET, str(local_dir)))
+  for file in prepared.iterdir():
+    (epath.Path(bucket_dir) / prepared.relative_to(local_dir) / file.name).write_bytes(
+        file.read_bytes())
+  return bucket_dir, str(local_dir)
+
+
+def test_a_run_in_a_bucket_is_killed_and_resumes_from_it(emulator, bucket_data_dir):
   workdir = 'gs://runs/mae'
-  env = env8(str(tmp_path / 'tfds')) | emulator
+  env = env8(bucket_data_dir[0]) | emulator  # the data is read from the bucket too
   flags = tiny_flags(None, total_steps=20) + ['--config.checkpoint_every_steps=2',
                                               '--config.profile_steps=(1, 1)']
   command = main_command('mae_pretrain.py:demo', workdir, flags)
@@ -183,3 +200,34 @@ def test_init_path_reads_a_checkpoint_file_in_a_bucket(emulator, name):
     checkpoint.check_initial_params(init_config(path), None, other)
   with pytest.raises(ValueError, match=f"^init.path '{path}x' does not exist"):
     checkpoint.load_params(path + 'x')
+
+
+# ---------------------------------------------------------------------------------------
+# A TFDS data_dir in a bucket.
+
+def test_a_dataset_is_read_from_a_bucket_as_from_local_disk(bucket_data_dir):
+  examples = []
+  for data_dir in bucket_data_dir:
+    config = data.default_data_config()
+    config.data_dir = data_dir
+    data.ensure_prepared(config)  # finds it, prepares nothing
+    info = data.dataset_info(config)
+    assert (info.num_classes, info.num_examples) == (10, {'train': 8000, 'test': 2000})
+    assert info.path.startswith(data_dir)
+    examples.append(datasets.open_split(config, 'test').source.__getitems__([0, 7, 1999]))
+  assert_trees_equal(examples[0], examples[1])
+
+
+def test_a_dataset_missing_from_a_bucket_says_to_prepare_locally_and_copy(emulator):
+  del emulator
+  config = data.default_data_config()
+  config.data_dir = 'gs://runs/empty_tfds'
+  with pytest.raises(data.MissingDatasetError) as error:
+    data.ensure_prepared(config)  # the demo too: preparing writes local files only
+  command = str(error.value).splitlines()[1].strip()
+  local = os.path.expanduser('~/tensorflow_datasets')
+  assert command == (f'python scripts/prepare_dataset.py --dataset=fashion_mnist_t10k '
+                     f'--data_dir={local} && gcloud storage cp -r '
+                     f'{local}/fashion_mnist_t10k gs://runs/empty_tfds/')
+  with pytest.raises(ValueError, match='Datasets are prepared on local disk, not in gs://'):
+    datasets.prepare('fashion_mnist_t10k', 'gs://runs/empty_tfds')

@@ -6,6 +6,12 @@ A dataset is named by `data_config.name`:
   - anything else is a TFDS name ('imagenet2012', 'cifar10', 'food101:2.1.0', ...).
 Every dataset is read as ArrayRecord through `tfds ... as_data_source`, without
 TensorFlow, from `data_config.data_dir` ('': $TFDS_DATA_DIR, else ~/tensorflow_datasets).
+
+The data_dir may be a bucket (gs://): TFDS reads the metadata through etils.epath, and
+array_record's reader (0.8.6, pinned) opens gs:// shards itself, with google-cloud-cpp
+(Application Default Credentials; CLOUD_STORAGE_EMULATOR_ENDPOINT points it at an
+emulator). Every example read there is a request, so local disk is faster.
+Datasets are prepared on local disk only, then copied into the bucket.
 """
 
 import contextlib
@@ -18,11 +24,13 @@ from typing import Any, Optional, Sequence
 
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
+from etils import epath
 
 from vit_jax.data import builders
 
 DEMO_DATASET = 'fashion_mnist_t10k'
 PREPARE_SCRIPT = 'scripts/prepare_dataset.py'
+_LOCAL_DATA_DIR = '~/tensorflow_datasets'
 
 
 class MissingDatasetError(FileNotFoundError):
@@ -56,8 +64,12 @@ class DatasetInfo:
 
 def data_dir_of(data_config) -> str:
   """The data directory: the config's, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  data_dir = data_config.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
-  return os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = data_config.data_dir or os.environ.get('TFDS_DATA_DIR') or _LOCAL_DATA_DIR
+  return data_dir if _in_bucket(data_dir) else os.path.abspath(os.path.expanduser(data_dir))
+
+
+def _in_bucket(data_dir: str) -> bool:
+  return '://' in data_dir
 
 
 def _source_dir_of(data_config) -> Optional[str]:
@@ -84,12 +96,22 @@ def _our_builder_path(name: str, data_dir: str, source_dir: Optional[str]) -> st
 
 
 def prepare_command(data_config) -> str:
-  """The shell command that prepares the dataset of `data_config`."""
-  args = ['python', PREPARE_SCRIPT, f'--dataset={data_config.name}',
-          f'--data_dir={data_dir_of(data_config)}']
+  """The shell command that prepares the dataset of `data_config` (for a bucket: on local
+  disk, then copied there)."""
+  data_dir = data_dir_of(data_config)
+  local_dir = os.path.expanduser(_LOCAL_DATA_DIR) if _in_bucket(data_dir) else data_dir
+  args = ['python', PREPARE_SCRIPT, f'--dataset={data_config.name}', f'--data_dir={local_dir}']
   if data_config.name in ('fashion_mnist', 'image_folder'):
     args.append(f'--source_dir={_source_dir_of(data_config)}')
-  return ' '.join(shlex.quote(a) for a in args)
+  command = ' '.join(shlex.quote(a) for a in args)
+  if _in_bucket(data_dir):
+    command += f' && {_copy_command(data_config.name, local_dir, data_dir)}'
+  return command
+
+
+def _copy_command(name: str, local_dir: str, bucket_dir: str) -> str:
+  folder = re.split('[:/]', name)[0]  # 'food101:2.1.0' lives in food101/
+  return f'gcloud storage cp -r {shlex.quote(os.path.join(local_dir, folder))} {bucket_dir}/'
 
 
 def _missing(data_config, looked_in: str, why: str = 'is not prepared') -> MissingDatasetError:
@@ -104,8 +126,9 @@ def _missing(data_config, looked_in: str, why: str = 'is not prepared') -> Missi
 
 
 def _is_array_record_dir(path: str) -> bool:
-  return (os.path.exists(os.path.join(path, 'dataset_info.json'))
-          and any('.array_record' in f for f in os.listdir(path)))
+  folder = epath.Path(path)  # also gs://
+  return ((folder / 'dataset_info.json').exists()
+          and any('.array_record' in f.name for f in folder.iterdir()))
 
 
 @dataclasses.dataclass
@@ -252,6 +275,10 @@ def prepare(name: str, data_dir: str, *, source_dir: Optional[str] = None,
   class folder root). TFDS builders may download (network) and read `manual_dir` for
   datasets that need a manual download (imagenet2012). Nothing happens if it exists.
   """
+  if _in_bucket(data_dir):  # TFDS's writers and our file lock need a local file system
+    raise ValueError(f'Datasets are prepared on local disk, not in {data_dir}: prepare with '
+                     f'a local --data_dir, then copy the folder into the bucket: '
+                     f'{_copy_command(name, "LOCAL_DATA_DIR", data_dir)}')
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if name == 'image_folder':
     if not source_dir:
@@ -290,7 +317,7 @@ def ensure_prepared(data_config) -> None:
     if not _is_array_record_dir(path):  # TFDS names resolve to a builder even when absent.
       raise _missing(data_config, path)
   except MissingDatasetError:
-    if data_config.name != DEMO_DATASET:
+    if data_config.name != DEMO_DATASET or _in_bucket(data_dir_of(data_config)):
       raise
     print(f'Preparing the built-in {DEMO_DATASET} in {data_dir_of(data_config)} (once).')
     tfds.disable_progress_bar()  # a second of work does not need progress bars
