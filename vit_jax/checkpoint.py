@@ -176,6 +176,12 @@ class Checkpointer:
     self.manager.reload()
 
 
+def has_saved_steps(workdir: str) -> bool:
+  """Whether workdir/checkpoints holds a step folder: the run will resume, not initialise."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def _all_processes_succeeded(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok

@@ -234,9 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   schedule = optim.learning_rate(config.optim, config.global_batch_size, total_steps,
                                  steps_per_epoch)
   steps = build_steps(config, model, objective, mesh, schedule)
-  initial = None  # init.path: read and checked against the model before any compile
-  if config.init.path:
-    initial = checkpoint.check_initial_params(config.init, model, steps.abstract_state['params'])
+  # init.path: read and checked against the model before any compile; not read again by a
+  # run that resumes from its own checkpoints (a restart after each preemption).
+  check_initial = functools.partial(checkpoint.check_initial_params, config.init, model,
+                                    steps.abstract_state['params'])
+  initial = None
+  if config.init.path and not checkpoint.has_saved_steps(workdir):
+    initial = check_initial()
   # Only now: bad input leaves the workdir as it was.
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   write_config(config, workdir)
@@ -272,8 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     start_step = 0
     state = steps.init()
-    if initial:
-      state = load_initial_params(config, model, state, steps, initial, progress_print)
+    if config.init.path:  # (read here when every checkpoint failed and the run restarts)
+      state = load_initial_params(config, model, state, steps, initial or check_initial(),
+                                  progress_print)
   del initial  # the host copy of init.path's arrays
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
 
