@@ -111,9 +111,11 @@ class Checkpointer:
       raise CheckpointFailure(
           f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); '
           f'{_free_space(self.workdir)} free in the workdir {self.workdir}. Stopped: '
-          f'nothing after this is saved. The last good checkpoint is step '
-          f'{max(good) if good else None}; free space (or move the workdir) and run the same '
-          'command to resume from it.') from None
+          f'nothing after this is saved. ' + (
+              f'The last good checkpoint is step {max(good)}; free space (or move the '
+              'workdir) and run the same command to resume from it.' if good else
+              'No checkpoint of this run was saved; free space (or move the workdir) and '
+              'run the same command to start it again.')) from None
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).

@@ -154,7 +154,7 @@ def from_torch_names(state: dict, path: str) -> tuple[str, dict]:
       unknown.append(key)
   if unknown:
     raise CheckpointError(f'{path}: keys with no equivalent in vit_jax models: '
-                          f'{short_names(unknown)}.')
+                          f'{short_names(sorted(unknown))}.')
   if 'embedding/kernel' not in flat:
     raise CheckpointError(f'{path}: not a ViT state dict: no patch_embed.proj.weight among its '
                           f'keys ({short_names(state)}).')
@@ -174,5 +174,5 @@ def to_torch_names(flat: dict) -> dict[str, np.ndarray]:
         state[torch_key] = np.ascontiguousarray(
             _ours_to_torch(rule.layout, t_leaf, [flat[n] for n in names]))
   if set(flat) - used:
-    raise ValueError(f'no timm name for {short_names(set(flat) - used)}.')
+    raise ValueError(f'no timm name for {short_names(sorted(set(flat) - used))}.')
   return state
