@@ -12,7 +12,7 @@ import time
 import ml_collections
 import pytest
 
-from vit_jax import metrics, train
+from vit_jax import checkpoint, metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -317,3 +317,22 @@ def test_command_line_errors_are_one_line(tmp_path, data_dir):
       'Error: global_batch_size=12 is not divisible by the 8 devices of the mesh '
       '(1 process(es)); use a multiple of 8.')
 
+
+
+def test_a_resumed_run_does_not_read_init_path_again(tmp_path, data_dir, monkeypatch, capsys):
+  """A restart after each preemption would otherwise read the whole pretrained checkpoint."""
+  source = demo_config('vit_scratch', data_dir, total_steps=1)
+  run_in_process(source, tmp_path / 'source')
+  reads = []
+  check = checkpoint.check_initial_params
+  monkeypatch.setattr(checkpoint, 'check_initial_params',
+                      lambda *a, **k: reads.append(a) or check(*a, **k))
+  config = demo_config('vit_scratch', data_dir, total_steps=2)
+  config.checkpoint_every_steps = 2
+  config.init.path = str(tmp_path / 'source')
+  first = run_in_process(config, tmp_path / 'target')
+  assert len(reads) == 1 and first['step'] == 2
+  config.total_steps = 4  # the same run, longer: it resumes from step 2
+  second = run_in_process(config, tmp_path / 'target')
+  assert f"Resumed from {tmp_path / 'target'}/checkpoints/2." in capsys.readouterr().out
+  assert len(reads) == 1 and second['step'] == 4
