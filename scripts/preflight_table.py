@@ -5,6 +5,7 @@ r"""The table of docs/preflight.md: every paper variant compiled for TPU slices.
 Runs vit_jax.preflight (needs libtpu) for each paper variant of configs/ on its paper's
 hardware and on v4, v5e, v5p and v6e slices of as many chips, in the order of ROWS, and
 appends one markdown row per run to --output as it goes (a run takes minutes of CPU).
+Rows already in --output are skipped: rerunning the command continues the table.
 Blocks are scanned (`model.scan=True`) for all variants: the compile is several times
 faster, and tests/test_preflight.py checks that the scan-corrected estimate matches an
 unrolled compile. Only the train step is compiled (evaluation needs less memory).
@@ -53,11 +54,20 @@ HEADER = ('| config | slice | fits (HBM per device) | step (s) | images/s | MFU 
           '| h for the run | chip-hours | compile (s) |\n|---|---|---|---|---|---|---|---|---|---|\n')
 
 
+def _name(config_file: str, arg: str) -> str:
+  return f'`{os.path.basename(config_file)}:{arg.replace(",data=imagenet2012", "")}`'
+
+
+def row_key(config_file: str, arg: str, topology: str) -> str:
+  """The first two cells of a run's row: how a rerun knows it is done."""
+  return f'| {_name(config_file, arg)} | {topology} |'
+
+
 def row(config_file: str, arg: str, topology: str) -> str:
   config = preflight.load_config(config_file, arg)
   config.model.scan = True
   start = time.perf_counter()
-  name = f'`{os.path.basename(config_file)}:{arg.replace(",data=imagenet2012", "")}`'
+  name = _name(config_file, arg)
   try:
     report = preflight.run(config, topology, eval_step=False)
   except ValueError as e:
@@ -73,16 +83,24 @@ def row(config_file: str, arg: str, topology: str) -> str:
           f'{report.run_hours:.1f} | {report.chip_hours:,.0f} | {seconds:.0f} |')
 
 
+def extend_table(output: str, rows) -> None:
+  """Appends the row of each run of `rows` that `output` does not have yet, in order."""
+  if not os.path.exists(output):
+    with open(output, 'w') as f:
+      f.write(HEADER)
+  with open(output) as f:
+    done = f.read()
+  for config_file, arg, topology in rows:
+    if row_key(config_file, arg, topology) in done:
+      continue  # a rerun continues where the last one stopped
+    line = row(config_file, arg, topology)
+    with open(output, 'a') as f:
+      f.write(line + '\n')
+
+
 def main(argv):
   del argv
-  rows = ROWS[:_ONLY.value] if _ONLY.value else ROWS
-  if not os.path.exists(_OUTPUT.value):
-    with open(_OUTPUT.value, 'w') as f:
-      f.write(HEADER)
-  for config_file, arg, topology in rows:
-    line = row(config_file, arg, topology)
-    with open(_OUTPUT.value, 'a') as f:
-      f.write(line + '\n')
+  extend_table(_OUTPUT.value, ROWS[:_ONLY.value] if _ONLY.value else ROWS)
 
 
 if __name__ == '__main__':
