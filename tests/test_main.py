@@ -318,7 +318,6 @@ def test_command_line_errors_are_one_line(tmp_path, data_dir):
       '(1 process(es)); use a multiple of 8.')
 
 
-
 def test_a_resumed_run_does_not_read_init_path_again(tmp_path, data_dir, monkeypatch, capsys):
   """A restart after each preemption would otherwise read the whole pretrained checkpoint."""
   source = demo_config('vit_scratch', data_dir, total_steps=1)

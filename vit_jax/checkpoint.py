@@ -111,7 +111,7 @@ class Checkpointer:
       raise CheckpointFailure(
           f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); '
           f'{_free_space(self.workdir)} free in the workdir {self.workdir}. Stopped: '
-          f'nothing after this is saved. ' + (
+          'nothing after this is saved. ' + (
               f'The last good checkpoint is step {max(good)}; free space (or move the '
               'workdir) and run the same command to resume from it.' if good else
               'No checkpoint of this run was saved; free space (or move the workdir) and '
@@ -178,10 +178,16 @@ class Checkpointer:
     self.manager.reload()
 
 
+def _step_folders(directory: epath.Path) -> list[int]:
+  """The steps of the step folders (named by their step) in `directory`, if it exists."""
+  if not directory.is_dir():
+    return []
+  return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+
+
 def has_saved_steps(workdir: str) -> bool:
   """Whether workdir/checkpoints holds a step folder: the run will resume, not initialise."""
-  directory = epath.Path(workdir) / 'checkpoints'
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  return bool(_step_folders(epath.Path(workdir) / 'checkpoints'))
 
 
 def _all_processes_succeeded(ok: bool) -> bool:
@@ -219,7 +225,7 @@ def _find_state_dir(path: str) -> str:
   for candidate in (root, root / 'checkpoints'):
     if not candidate.is_dir():
       continue
-    steps = [int(p.name) for p in candidate.iterdir() if p.name.isdigit()]
+    steps = _step_folders(candidate)
     if steps:
       candidate = candidate / str(max(steps))
     if (candidate / 'state').is_dir():
