@@ -74,10 +74,11 @@ def row(config_file: str, arg: str, topology: str) -> str:
     return f'| {name} | {topology} | error: {e} | | | | | | | |'
   seconds = time.perf_counter() - start
   print('\n'.join(report.lines()), flush=True)
+  if report.oom:  # the compiler ran out of memory: there is no memory analysis
+    return f'| {name} | {topology} | **no** ({report.oom}) | | | | | | | {seconds:.0f} |'
   memory = f'{report.peak_memory / preflight.GiB:.1f} of {report.chip.hbm_bytes / preflight.GiB:.0f} GiB'
   if not report.fits:
-    return (f'| {name} | {topology} | **no** ({report.oom or memory}) | | | | | | | '
-            f'{seconds:.0f} |')
+    return f'| {name} | {topology} | **no** ({memory}) | | | | | | | {seconds:.0f} |'
   return (f'| {name} | {topology} | yes ({memory}) | {report.step_seconds:.3f} | '
           f'{report.images_per_second:,.0f} | {report.mfu:.0%} | {report.epoch_hours:.3f} | '
           f'{report.run_hours:.1f} | {report.chip_hours:,.0f} | {seconds:.0f} |')

@@ -25,3 +25,17 @@ def test_a_rerun_appends_only_the_rows_not_there_yet(tmp_path, monkeypatch):
       preflight_table.row_key(*run) for run in preflight_table.ROWS[:4]]
   keys = [preflight_table.row_key(*run) for run in preflight_table.ROWS]
   assert len(set(keys)) == len(keys) == 50  # every run has its own row
+
+
+def test_a_run_the_compiler_found_too_big_gets_a_row_with_its_message(monkeypatch):
+  """A compiler out-of-memory leaves no memory analysis; the row says what the compiler said."""
+  chip = preflight_table.preflight.Chip('v4', 32 * 2**30, 275e12, 1)
+  report = preflight_table.preflight.Report(
+      title='', chip=chip, num_devices=4, num_chips=4, train_memory=None, eval_memory=None,
+      oom='RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 40.1G of 32G hbm.')
+  monkeypatch.setattr(preflight_table.preflight, 'run', lambda *args, **kwargs: report)
+  line = preflight_table.row('configs/mae_pretrain.py', 'model=H/14,data=imagenet2012',
+                             'v4:2x2x1')
+  assert line.startswith('| `mae_pretrain.py:model=H/14` | v4:2x2x1 | **no** (RESOURCE_EXHAUSTED: '
+                         'Ran out of memory in memory space hbm. Used 40.1G of 32G hbm.) |')
+  assert line.count('|') == 11
