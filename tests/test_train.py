@@ -1,5 +1,7 @@
 """The training step under sharding, gradient accumulation and checkpoints across meshes."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -77,6 +79,31 @@ def test_data_parallel_and_fsdp_give_the_losses_of_one_device(objective):
   for name in ('data parallel', 'fsdp'):
     np.testing.assert_allclose(trajectories[name], trajectories['one device'], rtol=2e-5,
                                err_msg=name)
+
+
+def test_fsdp_gathers_parameters_and_keeps_activations_split_by_example():
+  """Without the gather, XLA split activations like the FSDP-sharded parameters: this
+  step's temporaries doubled on 8 devices and grew 8x on 64 (MAE-L/16 with FSDP on 64 TPU
+  v4 chips: 139 GiB per chip). With it, FSDP needs about the temporaries of data
+  parallelism plus the gathered parameters."""
+  temporaries = {}
+  for rules in ([('.*', 'replicate')], [('.*', 'fsdp:data')]):
+    config = config_utils.load_config_file(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     'configs', 'mae_pretrain.py'), 'model=B/16')
+    config.model.update(width=256, depth=2, num_heads=4, mlp_dim=1024, decoder_width=128,
+                        decoder_depth=1, decoder_num_heads=4, decoder_mlp_dim=512,
+                        image_size=64, patch_size=8)
+    config.global_batch_size = 64
+    config.optim.warmup_epochs = 1
+    config.sharding_rules = rules
+    mesh = MESHES['data parallel']()
+    _, steps = build(config, mesh)
+    batch = {'image': jax.ShapeDtypeStruct((64, 64, 64, 3), np.float32,
+                                           sharding=sharding.batch_sharding(mesh))}
+    compiled = steps.train.lower(steps.abstract_state, batch).compile()
+    temporaries[rules[0][1]] = compiled.memory_analysis().temp_size_in_bytes
+  assert temporaries['fsdp:data'] < 1.5 * temporaries['replicate'], temporaries
 
 
 def test_gradient_accumulation_matches_the_full_batch():

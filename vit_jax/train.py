@@ -156,8 +156,14 @@ def build_steps(config, model, objective, mesh, schedule) -> Steps:
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
 
+  # FSDP stores parameters split over devices; the step gathers them whole before use.
+  # Left to itself, XLA's sharding propagation split activations like the parameters
+  # instead (MAE-L/16 with FSDP over 64 TPU v4 chips: 139 GiB of temporaries per chip).
+  gather = jax.tree.map(lambda _: replicated, abstract_state['params'])
+
   def loss_and_grads(params, model_state, batch, key):
     def loss_fn(params):
+      params = jax.lax.with_sharding_constraint(params, gather)
       return objective.train_loss(model, {'params': params, **model_state}, batch, key)
     (_, (step_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, step_metrics, {**model_state, **updates}
@@ -199,6 +205,7 @@ def build_steps(config, model, objective, mesh, schedule) -> Steps:
     return new_state, step_metrics
 
   def eval_step(params, model_state, batch):
+    params = jax.lax.with_sharding_constraint(params, gather)
     return objective.eval_sums(model, {'params': params, **model_state}, batch, eval_key)
 
   init = jax.jit(lambda: make_state(init_variables(init_key)), out_shardings=state_shardings)
