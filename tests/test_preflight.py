@@ -115,11 +115,20 @@ def test_the_scan_correction_matches_an_unrolled_compile():
       compiled, _ = preflight._compile_train(setup, 64)
     return preflight.estimate_step(config, tpu.devices, 1000, 1_281_167, setup.model, compiled)
 
-  scanned_seconds, scanned_flops, how = estimate(scanned)
-  unrolled_seconds, unrolled_flops, _ = estimate(unrolled, compiled=True)
+  scanned_seconds, scanned_flops, how, scanned_cycles = estimate(scanned)
+  unrolled_seconds, unrolled_flops, _, unrolled_cycles = estimate(unrolled, compiled=True)
   assert 'unrolled compiles at depth 1 and 2' in how
   assert scanned_seconds == pytest.approx(unrolled_seconds, rel=0.03)
   assert scanned_flops == pytest.approx(unrolled_flops, rel=0.03)
+  # The breakdown by operation extrapolates the same way: the costliest operations of the
+  # unrolled step have the same shares in the scanned estimate, and the blocks' are among
+  # them.
+  top = preflight._shares(unrolled_cycles, 6)
+  scanned_shares = dict(preflight._shares(scanned_cycles, len(scanned_cycles)))
+  for name, share in top:
+    assert scanned_shares[name] == pytest.approx(share, abs=0.02), name
+  assert sum(scanned_shares.values()) == pytest.approx(1.0)
+  assert any('/Transformer/encoderblock/' in name for name, _ in top), top
 
 
 def test_two_slices_put_the_data_axis_over_the_slices():
@@ -135,6 +144,24 @@ def test_two_slices_put_the_data_axis_over_the_slices():
   # Each slice holds one contiguous half of the batch: only the gradient all-reduce
   # crosses the slow network between slices.
   assert slices == [0] * 4 + [1] * 4
+
+
+def test_operations_are_named_the_same_for_every_block():
+  name = 'jit(train_step)/transpose(jvp(MAE))/Decoder/encoderblock_3/MlpBlock_0/Dense_1/dot_general'
+  assert preflight.operation(name) == 'backward MAE/Decoder/encoderblock/MlpBlock/Dense/dot_general'
+  assert preflight.operation('jit(train_step)/jvp(ViT)/Transformer/encoderblock_11/'
+                             'MultiHeadDotProductAttention_0/bhqd,bhkd->bhqk/dot_general') == (
+      'forward ViT/Transformer/encoderblock/MultiHeadDotProductAttention/bhqd,bhkd->bhqk/'
+      'dot_general')
+  assert preflight.operation('jit(train_step)/add') == 'add'
+  report = preflight.Report(title='t', chip=preflight.CHIPS['v4'], num_devices=4, num_chips=4,
+                            train_memory=preflight.Memory(2**30, 0, 0, 0, {}),
+                            eval_memory=None, step_seconds=0.2, model_flops_per_step=1e15, xla_flops_per_step=1e15,
+                            global_batch_size=64, steps_per_epoch=10, total_steps=100,
+                            breakdown=preflight._shares({'a': 3, 'b': 1, 'c': 0}, 2))
+  lines = report.lines()
+  assert lines[-3].startswith('  where the estimated step goes')
+  assert lines[-2:] == ['     75.0%   150.00 ms  a', '     25.0%    50.00 ms  b']
 
 
 def test_bad_topologies_are_refused_in_one_line():

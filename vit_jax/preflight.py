@@ -27,6 +27,7 @@ configuration. tests/test_preflight.py checks the extrapolation against a full u
 compile.
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -204,6 +205,7 @@ class Report:
   steps_per_epoch: float = 0.0
   total_steps: int = 0
   hints: tuple = ()
+  breakdown: tuple = ()  # (operation, share of the estimated step), costliest first
 
   @property
   def peak_memory(self) -> int:
@@ -261,6 +263,11 @@ class Report:
           f'  {self.epoch_hours:.3f} h per epoch; {self.run_hours:.1f} h for the run '
           f'({self.total_steps:,} steps of {self.global_batch_size}); '
           f'{self.chip_hours:,.0f} chip-hours on {self.num_chips} chips')
+    if self.breakdown:
+      out.append(f'  where the estimated step goes (the cost model\'s cycles by operation, '
+                 f'the {len(self.breakdown)} costliest):')
+      out += [f'    {share:6.1%} {share * self.step_seconds * 1e3:8.2f} ms  {name}'
+              for name, share in self.breakdown]
     return out
 
 
@@ -330,6 +337,46 @@ def _cost(compiled) -> tuple[float, float]:
   return seconds, float(analysis['flops'])
 
 
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_OPCODE = re.compile(r'= \S+ ([\w-]+)\(')
+
+
+def operation(op_name: str) -> str:
+  """A readable name for the JAX operation an HLO instruction came from, the same for
+  every block of a stack: 'jit(train_step)/transpose(jvp(MAE))/Decoder/encoderblock_3/
+  MlpBlock_0/Dense_1/dot_general' -> 'backward MAE/Decoder/encoderblock/MlpBlock/Dense/dot_general'."""
+  name = re.sub(r'^jit\([^)]*\)/', '', op_name)
+  for wrapper, label in ((r'transpose\(jvp\((\w+)\)\)', 'backward '), (r'jvp\((\w+)\)', 'forward ')):
+    if re.match(wrapper, name):
+      name = label + re.sub(wrapper, r'\1', name, count=1)
+      break
+  return re.sub(r'_\d+(?=/|$)', '', name)
+
+
+def op_cycles(compiled) -> dict:
+  """{operation: cycles} of a compiled TPU step: the `estimated_cycles` that XLA's cost
+  model gives each top-level instruction (a fusion, a collective, a copy), summed by the
+  JAX operation it came from (`operation`); instructions without one by their opcode."""
+  text = compiled.as_text()
+  start = text.find('\nENTRY')
+  entry = text[start:text.index('\n}\n', start)] if start >= 0 else ''
+  cycles = collections.Counter()
+  for line in entry.splitlines():
+    found = _CYCLES.search(line)
+    if found:
+      op_name, opcode = _OP_NAME.search(line), _OPCODE.search(line)
+      name = operation(op_name[1]) if op_name else f'({opcode[1] if opcode else "?"})'
+      cycles[name] += int(found[1])
+  return dict(cycles)
+
+
+def _shares(cycles: dict, top: int) -> tuple:
+  total = sum(cycles.values())
+  ranked = sorted(cycles.items(), key=lambda item: -item[1])[:top]
+  return tuple((name, count / total) for name, count in ranked) if total > 0 else ()
+
+
 def _with_model(config, **model_fields) -> ml_collections.ConfigDict:
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -346,14 +393,16 @@ def _stacks(model) -> dict:
 
 
 def estimate_step(config, devices, num_classes: int, train_size: int, model,
-                  compiled=None) -> tuple[float, float, str]:
-  """(seconds, XLA FLOPs on all devices, how) of one training step, by XLA's cost model.
+                  compiled=None) -> tuple[float, float, str, dict]:
+  """(seconds, XLA FLOPs on all devices, how, {operation: cycles}) of one training step,
+  by XLA's cost model.
 
   `compiled`: the real step, used as it is when it has no loop that hides work.
   Scanned blocks and accumulated micro-batches are loops whose body XLA counts once:
   the step is compiled unrolled at depth 1 and with one more block in each stack, and
   the difference (the cost of a block) is extrapolated to the model's depths; with
-  gradient accumulation, one micro-batch step is costed and multiplied.
+  gradient accumulation, one micro-batch step is costed and multiplied. The cycles by
+  operation (`op_cycles`) are extrapolated the same way.
   """
   accumulation = config.grad_accum_steps
   micro_batch = config.global_batch_size // accumulation
@@ -363,27 +412,30 @@ def estimate_step(config, devices, num_classes: int, train_size: int, model,
       config.grad_accum_steps = 1
       config.global_batch_size = micro_batch
 
-  def cost_of(variant) -> np.ndarray:
-    step, _ = _compile_train(_setup(variant, devices, num_classes, train_size), micro_batch)
-    return np.array(_cost(step))
+  def cost_of(variant, step=None) -> tuple[np.ndarray, collections.Counter]:
+    if step is None:
+      step, _ = _compile_train(_setup(variant, devices, num_classes, train_size), micro_batch)
+    return np.array(_cost(step)), collections.Counter(op_cycles(step))
 
   if not model.scan:
     how = 'XLA cost model of the compiled step'
-    total = np.array(_cost(compiled)) if compiled and accumulation == 1 else cost_of(config)
+    total, cycles = cost_of(config, compiled if compiled and accumulation == 1 else None)
   else:
     how = ('XLA cost model; scanned blocks estimated from unrolled compiles at depth 1 and 2, '
            'extrapolated')
     stacks = _stacks(model)
     base = {k: 1 for k in stacks}
-    base_cost = cost_of(_with_model(config, scan=False, **base))
-    total = base_cost.copy()
+    base_cost, base_cycles = cost_of(_with_model(config, scan=False, **base))
+    total, cycles = base_cost.copy(), base_cycles.copy()
     for field, depth in stacks.items():
-      block = cost_of(_with_model(config, scan=False, **(base | {field: 2}))) - base_cost
-      total += (depth - 1) * block
+      cost, more_cycles = cost_of(_with_model(config, scan=False, **(base | {field: 2})))
+      total += (depth - 1) * (cost - base_cost)
+      for name in more_cycles.keys() | base_cycles.keys():  # a block's cycles, never < 0
+        cycles[name] += (depth - 1) * max(more_cycles[name] - base_cycles[name], 0)
   if accumulation > 1:
     how += f'; {accumulation} micro-batches of {micro_batch}'
   seconds, flops = total
-  return seconds * accumulation, flops * accumulation * len(devices), how
+  return seconds * accumulation, flops * accumulation * len(devices), how, dict(cycles)
 
 
 def _out_of_memory(error: Exception) -> str:
@@ -425,8 +477,9 @@ def _hints(config, model, report: Report, state_bytes: int) -> tuple[str, ...]:
 
 
 def run(config, topology: str, num_slices: int = 1, *, estimate: bool = True,
-        eval_step: bool = True) -> Report:
-  """Compiles the run of `config` for `topology` and reports memory and estimated time."""
+        eval_step: bool = True, breakdown: int = 0) -> Report:
+  """Compiles the run of `config` for `topology` and reports memory and estimated time;
+  with `breakdown`, also the `breakdown` costliest operations of the estimated step."""
   train.check_loop_keys(config)
   tpu = tpu_slice(topology, num_slices)
   num_classes, train_size, _ = dataset_sizes(config.data)
@@ -457,9 +510,10 @@ def run(config, topology: str, num_slices: int = 1, *, estimate: bool = True,
     report.hints = _hints(config, model, report, parts['parameters'] + parts['optimizer state'])
     return report
   if estimate:
-    seconds, flops, how = estimate_step(config, tpu.devices, num_classes, train_size, model,
-                                        compiled)
+    seconds, flops, how, cycles = estimate_step(config, tpu.devices, num_classes, train_size,
+                                                model, compiled)
     report.step_seconds, report.xla_flops_per_step, report.estimate_source = seconds, flops, how
+    report.breakdown = _shares(cycles, breakdown)
     report.model_flops_per_step = float(
         metrics.train_flops(model, config.objective) * config.global_batch_size)
   return report
@@ -494,7 +548,8 @@ def main(argv):
   status = 0
   for config, topology in configs:
     try:
-      report = run(config, topology, flag_values.num_slices, estimate=flag_values.estimate)
+      report = run(config, topology, flag_values.num_slices, estimate=flag_values.estimate,
+                   breakdown=flag_values.breakdown)
     except ValueError as e:
       print(f'Error: {e}', file=sys.stderr)
       status = 1
@@ -513,6 +568,8 @@ def _define_flags():
   flags.DEFINE_bool('all', False, 'Every paper variant of configs/ on its paper hardware '
                     '(or on --topology).')
   flags.DEFINE_bool('estimate', True, 'Estimate the step time (extra small compiles).')
+  flags.DEFINE_integer('breakdown', 0, 'Also print the N costliest operations of the '
+                       'estimated step (cycles of XLA\'s cost model by JAX operation).')
 
 
 if __name__ == '__main__':
