@@ -59,6 +59,9 @@ def get_config(arg=None):
   config.eval_batch_size = 1024
   config.num_epochs = 90
   config.optim.warmup_epochs = 10
+  # The frozen encoder runs in bfloat16, as under the official code's torch.cuda.amp; the
+  # parameters, the head's BatchNorm and the optimizer stay float32.
+  config.model.dtype = 'bfloat16'
   config.log_every_steps = 20
   config.checkpoint_every_steps = 1000
   return config

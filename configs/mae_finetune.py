@@ -71,6 +71,10 @@ def get_config(arg=None):
   config.optim.warmup_epochs = 5
   config.optim.base_lr = base_lr
   config.optim.layer_decay = layer_decay
+  # Mixed precision, as the official code's torch.cuda.amp (and configs/mae_pretrain.py):
+  # bfloat16 activations and matmuls, float32 parameters, optimizer state and statistics.
+  config.model.dtype = 'bfloat16'
+  config.sharding_rules = config_utils.SPLIT_OPTIMIZER_STATE  # ZeRO-1, see config_utils
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2000
