@@ -49,18 +49,22 @@ def test_small_models_fit_and_report_memory(kind, topology, devices, chips):
   assert report.fits
   memory = report.train_memory
   # The arguments XLA allocates are the state and batch shards counted by shape, plus the
-  # TPU's tiling of small dimensions (this model's width of 32 is padded to 128 lanes).
-  assert sum(memory.parts.values()) <= memory.arguments < 3 * sum(memory.parts.values())
+  # TPU's tiling of small dimensions (this model's width of 32 is padded to 128 lanes, and
+  # its moments' slices of 4 or 8 too): less than 3x what replicated moments would take.
+  replicated = memory.parts['parameters'] * 3 + memory.parts['batch']
+  assert sum(memory.parts.values()) <= memory.arguments < 3 * replicated
   # Batch: 64 images of 32x32x3 float32 and their int32 labels, split over the devices.
   assert memory.parts['batch'] == 64 * (32 * 32 * 3 * 4 + 4) // devices
-  # Data parallelism replicates the float32 parameters and AdamW's two moments.
+  # The paper configs replicate the float32 parameters and split AdamW's two moments over
+  # the devices (ZeRO-1).
   tpu = preflight.tpu_slice(topology)
   params = preflight._setup(tiny_config(kind), tpu.devices, 1000,
                             1_281_167).steps.abstract_state['params']
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert num_params > 10_000
   assert memory.parts['parameters'] == 4 * num_params
-  assert memory.parts['optimizer state'] == pytest.approx(2 * 4 * num_params, rel=0.01)
+  assert memory.parts['optimizer state'] == pytest.approx(2 * 4 * num_params / devices,
+                                                         rel=0.02)
   assert 0 < memory.temporaries < 2**30
   lines = '\n'.join(report.lines())
   assert f'fits ({report.hbm_fraction:.0%} of HBM)' in lines

@@ -1,5 +1,7 @@
 """The training step under sharding, gradient accumulation and checkpoints across meshes."""
 
+import functools
+import operator
 import os
 
 import jax
@@ -57,6 +59,7 @@ MESHES = {
     'one device': lambda: sharding.make_mesh([('data', -1)], devices=jax.devices()[:1]),
     'data parallel': lambda: sharding.make_mesh([('data', -1)]),
     'fsdp': lambda: sharding.make_mesh([('data', 2), ('fsdp', 4)]),
+    'zero1': lambda: sharding.make_mesh([('data', -1)]),
 }
 
 
@@ -68,15 +71,23 @@ def test_data_parallel_and_fsdp_give_the_losses_of_one_device(objective):
     config = make_config(objective)
     if name == 'fsdp':
       config.sharding_rules = [('.*', 'fsdp:fsdp')]
+    if name == 'zero1':
+      config.sharding_rules = config_utils.SPLIT_OPTIMIZER_STATE
     losses, state, _ = run_losses(config, make_mesh(), data)
     trajectories[name] = losses
+    mlp = ('Transformer', 'encoderblock_0', 'MlpBlock_3', 'Dense_0', 'kernel')
+    kernel = functools.reduce(operator.getitem, mlp, state['params'])
     if name == 'fsdp':  # parameters and Adam moments are really split
-      kernel = state['params']['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
       assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
       assert kernel.addressable_shards[0].data.shape == (32, 16)
+    if name == 'zero1':  # the moments are split over the 8 devices, the parameters whole
+      assert kernel.addressable_shards[0].data.shape == (32, 64)
+      moments = [x for x in jax.tree.leaves(state['opt_state']) if x.shape == (32, 64)]
+      assert len(moments) == 4  # AdamW's mu and nu of the two blocks
+      assert all(x.addressable_shards[0].data.shape == (32, 8) for x in moments)
   if objective == 'mae':  # it learns (mixup makes the classifier's first steps noisy)
     assert trajectories['one device'][0] > trajectories['one device'][-1]
-  for name in ('data parallel', 'fsdp'):
+  for name in ('data parallel', 'fsdp', 'zero1'):
     np.testing.assert_allclose(trajectories[name], trajectories['one device'], rtol=2e-5,
                                err_msg=name)
 
