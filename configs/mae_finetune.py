@@ -74,7 +74,7 @@ def get_config(arg=None):
   # Mixed precision, as the official code's torch.cuda.amp (and configs/mae_pretrain.py):
   # bfloat16 activations and matmuls, float32 parameters, optimizer state and statistics.
   config.model.dtype = 'bfloat16'
-  config.sharding_rules = config_utils.SPLIT_OPTIMIZER_STATE  # ZeRO-1, see config_utils
+  config.sharding_rules = config_utils.FSDP_OVER_DATA  # see config_utils
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2000

@@ -62,5 +62,5 @@ def get_config(arg=None):
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2000
-  config.sharding_rules = config_utils.SPLIT_OPTIMIZER_STATE  # ZeRO-1, see config_utils
+  config.sharding_rules = config_utils.FSDP_OVER_DATA  # see config_utils
   return config

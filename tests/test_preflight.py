@@ -48,23 +48,23 @@ def test_small_models_fit_and_report_memory(kind, topology, devices, chips):
   assert (report.num_devices, report.num_chips) == (devices, chips)
   assert report.fits
   memory = report.train_memory
-  # The arguments XLA allocates are the state and batch shards counted by shape, plus the
-  # TPU's tiling of small dimensions (this model's width of 32 is padded to 128 lanes, and
-  # its moments' slices of 4 or 8 too): less than 3x what replicated moments would take.
-  replicated = memory.parts['parameters'] * 3 + memory.parts['batch']
-  assert sum(memory.parts.values()) <= memory.arguments < 3 * replicated
   # Batch: 64 images of 32x32x3 float32 and their int32 labels, split over the devices.
   assert memory.parts['batch'] == 64 * (32 * 32 * 3 * 4 + 4) // devices
-  # The paper configs replicate the float32 parameters and split AdamW's two moments over
-  # the devices (ZeRO-1).
+  # The paper configs split the float32 parameters and AdamW's two moments over the
+  # devices (FSDP).
   tpu = preflight.tpu_slice(topology)
   params = preflight._setup(tiny_config(kind), tpu.devices, 1000,
                             1_281_167).steps.abstract_state['params']
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert num_params > 10_000
-  assert memory.parts['parameters'] == 4 * num_params
+  assert memory.parts['parameters'] == pytest.approx(4 * num_params / devices, rel=0.02)
   assert memory.parts['optimizer state'] == pytest.approx(2 * 4 * num_params / devices,
                                                          rel=0.02)
+  # The arguments XLA allocates are the state and batch shards counted by shape, plus the
+  # TPU's tiling of small dimensions (this model's width of 32 is padded to 128 lanes, and
+  # its slices of 4 or 8 too): less than 3x what replicated state would take.
+  replicated = 3 * 4 * num_params + memory.parts['batch']
+  assert sum(memory.parts.values()) <= memory.arguments < 3 * replicated
   assert 0 < memory.temporaries < 2**30
   lines = '\n'.join(report.lines())
   assert f'fits ({report.hbm_fraction:.0%} of HBM)' in lines
@@ -107,10 +107,13 @@ def test_hours_and_mfu_arithmetic():
   assert 0.3 < report.mfu < 0.6
 
 
-def test_the_scan_correction_matches_an_unrolled_compile():
-  """A scanned 4-block ViT (XLA counts its loop body once) against the same ViT unrolled."""
-  scanned = tiny_config('vit', **{'model.depth': 4, 'model.scan': True})
-  unrolled = tiny_config('vit', **{'model.depth': 4})
+@pytest.mark.parametrize('rules,tolerance', [([('.*', 'replicate')], 0.03),
+                                             ([('.*', 'fsdp:data')], 0.05)])
+def test_the_scan_correction_matches_an_unrolled_compile(rules, tolerance):
+  """A scanned 4-block ViT (XLA counts its loop body once) against the same ViT unrolled,
+  replicated and with the paper recipes' FSDP."""
+  scanned = tiny_config('vit', **{'model.depth': 4, 'model.scan': True, 'sharding_rules': rules})
+  unrolled = tiny_config('vit', **{'model.depth': 4, 'sharding_rules': rules})
   tpu = preflight.tpu_slice('v5e:2x2')
 
   def estimate(config, compiled=None):
@@ -122,8 +125,8 @@ def test_the_scan_correction_matches_an_unrolled_compile():
   scanned_seconds, scanned_flops, how, scanned_cycles = estimate(scanned)
   unrolled_seconds, unrolled_flops, _, unrolled_cycles = estimate(unrolled, compiled=True)
   assert 'unrolled compiles at depth 1 and 2' in how
-  assert scanned_seconds == pytest.approx(unrolled_seconds, rel=0.03)
-  assert scanned_flops == pytest.approx(unrolled_flops, rel=0.03)
+  assert scanned_seconds == pytest.approx(unrolled_seconds, rel=tolerance)
+  assert scanned_flops == pytest.approx(unrolled_flops, rel=tolerance)
   # The breakdown by operation extrapolates the same way: the costliest operations of the
   # unrolled step have the same shares in the scanned estimate, and the blocks' are among
   # them.
@@ -166,6 +169,23 @@ def test_operations_are_named_the_same_for_every_block():
   lines = report.lines()
   assert lines[-3].startswith('  where the estimated step goes')
   assert lines[-2:] == ['     75.0%   150.00 ms  a', '     25.0%    50.00 ms  b']
+
+
+def test_the_program_text_comes_from_xla_dump_when_jax_cannot_reread_it():
+  """compiled.as_text() fails for some v6e programs; the estimate then reads XLA's dump."""
+  setup = preflight._setup(tiny_config('vit'), preflight.tpu_slice('v5e:2x2').devices, 1000,
+                           1_281_167)
+  compiled, _ = preflight._compile_train(setup, 64)
+
+  class Unreadable:
+    def as_text(self):
+      raise jax.errors.JaxRuntimeError('INTERNAL: RET_CHECK failure prev_op->IsAsynchronous()')
+
+  text = preflight.hlo_text(Unreadable(),
+                            lambda options: preflight._compile_train(setup, 64, options))
+  cycles = preflight.op_cycles(text)
+  assert cycles == preflight.op_cycles(compiled.as_text())
+  assert sum(cycles.values()) > 0
 
 
 def test_bad_topologies_are_refused_in_one_line():

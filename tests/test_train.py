@@ -59,7 +59,7 @@ MESHES = {
     'one device': lambda: sharding.make_mesh([('data', -1)], devices=jax.devices()[:1]),
     'data parallel': lambda: sharding.make_mesh([('data', -1)]),
     'fsdp': lambda: sharding.make_mesh([('data', 2), ('fsdp', 4)]),
-    'zero1': lambda: sharding.make_mesh([('data', -1)]),
+    'paper recipes': lambda: sharding.make_mesh([('data', -1)]),
 }
 
 
@@ -71,8 +71,8 @@ def test_data_parallel_and_fsdp_give_the_losses_of_one_device(objective):
     config = make_config(objective)
     if name == 'fsdp':
       config.sharding_rules = [('.*', 'fsdp:fsdp')]
-    if name == 'zero1':
-      config.sharding_rules = config_utils.SPLIT_OPTIMIZER_STATE
+    if name == 'paper recipes':
+      config.sharding_rules = config_utils.FSDP_OVER_DATA
     losses, state, _ = run_losses(config, make_mesh(), data)
     trajectories[name] = losses
     mlp = ('Transformer', 'encoderblock_0', 'MlpBlock_3', 'Dense_0', 'kernel')
@@ -80,14 +80,14 @@ def test_data_parallel_and_fsdp_give_the_losses_of_one_device(objective):
     if name == 'fsdp':  # parameters and Adam moments are really split
       assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
       assert kernel.addressable_shards[0].data.shape == (32, 16)
-    if name == 'zero1':  # the moments are split over the 8 devices, the parameters whole
-      assert kernel.addressable_shards[0].data.shape == (32, 64)
+    if name == 'paper recipes':  # parameters and moments split over the 8 devices
+      assert kernel.addressable_shards[0].data.shape == (32, 8)
       moments = [x for x in jax.tree.leaves(state['opt_state']) if x.shape == (32, 64)]
       assert len(moments) == 4  # AdamW's mu and nu of the two blocks
       assert all(x.addressable_shards[0].data.shape == (32, 8) for x in moments)
   if objective == 'mae':  # it learns (mixup makes the classifier's first steps noisy)
     assert trajectories['one device'][0] > trajectories['one device'][-1]
-  for name in ('data parallel', 'fsdp', 'zero1'):
+  for name in ('data parallel', 'fsdp', 'paper recipes'):
     np.testing.assert_allclose(trajectories[name], trajectories['one device'], rtol=2e-5,
                                err_msg=name)
 

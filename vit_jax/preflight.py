@@ -29,10 +29,12 @@ compile.
 
 import collections
 import dataclasses
+import glob
 import math
 import os
 import re
 import sys
+import tempfile
 from typing import Any
 
 # No TPU here: compiling for one needs only libtpu's compiler. Keep JAX's own backend on
@@ -308,9 +310,37 @@ def _setup(config, devices, num_classes: int, train_size: int) -> _Setup:
   return _Setup(model, objective, mesh, steps, total_steps, steps_per_epoch)
 
 
-def _compile_train(setup: _Setup, global_batch_size: int):
+def _compile_train(setup: _Setup, global_batch_size: int, compiler_options=None):
   batch = _abstract_batch(setup.mesh, global_batch_size, setup.model, eval_batch=False)
-  return setup.steps.train.lower(setup.steps.abstract_state, batch).compile(), batch
+  lowered = setup.steps.train.lower(setup.steps.abstract_state, batch)
+  return lowered.compile(compiler_options=compiler_options), batch
+
+
+def hlo_text(compiled, recompile) -> str:
+  """The optimized HLO of `compiled`, as text.
+
+  `compiled.as_text()` re-reads the program, which fails for some TPU programs (MAE's and
+  the probe's on v6e: 'Async done requires its operand to be an asynchronous op'). Then
+  `recompile(compiler_options)` compiles the step again with XLA's dump of the optimized
+  program switched on, and the dumped text is read instead.
+  """
+  try:
+    return compiled.as_text()
+  except jax.errors.JaxRuntimeError:
+    cache = jax.config.jax_enable_compilation_cache
+    with tempfile.TemporaryDirectory() as folder:
+      jax.config.update('jax_enable_compilation_cache', False)  # a cached program dumps nothing
+      try:
+        recompile({'xla_dump_to': folder, 'xla_dump_hlo_as_text': True,
+                   'xla_dump_hlo_module_re': 'train_step', 'xla_dump_hlo_pass_re': '^$'})
+      finally:
+        jax.config.update('jax_enable_compilation_cache', cache)
+      # The program as compiled, with the cost model's cycles (as as_text() has them).
+      dumped = glob.glob(os.path.join(folder, '*train_step*.after_codegen.txt'))
+      if len(dumped) != 1:
+        raise ValueError(f'No optimized program of the train step in XLA\'s dump: {dumped}')
+      with open(dumped[0]) as f:
+        return f.read()
 
 
 def _compile_eval(setup: _Setup, eval_batch_size: int):
@@ -319,8 +349,8 @@ def _compile_eval(setup: _Setup, eval_batch_size: int):
   return setup.steps.eval.lower(state['params'], state['model_state'], batch).compile()
 
 
-def _cost(compiled) -> tuple[float, float]:
-  """(XLA's step seconds, FLOPs per device) from the cost analysis.
+def _cost(compiled, text: str) -> tuple[float, float]:
+  """(XLA's step seconds, FLOPs per device) from the cost analysis; `text`: `hlo_text`.
 
   The TPU compiler inserts 'ConcatBitcast' custom calls (a relayout, no work) that the
   cost model cannot cost and counts as -1 s each; they are counted as 0 here.
@@ -330,7 +360,7 @@ def _cost(compiled) -> tuple[float, float]:
     analysis = analysis[0]
   seconds = float(analysis['optimal_seconds'])
   if seconds < 0:
-    seconds += compiled.as_text().count('custom_call_target="ConcatBitcast"')
+    seconds += text.count('custom_call_target="ConcatBitcast"')
   if seconds < 0:
     raise ValueError("XLA's cost model could not cost the step (optimal_seconds "
                      f"{seconds:.3f}); run with --noestimate for the memory only.")
@@ -354,11 +384,11 @@ def operation(op_name: str) -> str:
   return re.sub(r'_\d+(?=/|$)', '', name)
 
 
-def op_cycles(compiled) -> dict:
-  """{operation: cycles} of a compiled TPU step: the `estimated_cycles` that XLA's cost
-  model gives each top-level instruction (a fusion, a collective, a copy), summed by the
-  JAX operation it came from (`operation`); instructions without one by their opcode."""
-  text = compiled.as_text()
+def op_cycles(text: str) -> dict:
+  """{operation: cycles} of a compiled TPU step (`hlo_text`): the `estimated_cycles` that
+  XLA's cost model gives each top-level instruction (a fusion, a collective, a copy),
+  summed by the JAX operation it came from (`operation`); instructions without one by
+  their opcode."""
   start = text.find('\nENTRY')
   entry = text[start:text.index('\n}\n', start)] if start >= 0 else ''
   cycles = collections.Counter()
@@ -413,9 +443,11 @@ def estimate_step(config, devices, num_classes: int, train_size: int, model,
       config.global_batch_size = micro_batch
 
   def cost_of(variant, step=None) -> tuple[np.ndarray, collections.Counter]:
+    setup = _setup(variant, devices, num_classes, train_size)
     if step is None:
-      step, _ = _compile_train(_setup(variant, devices, num_classes, train_size), micro_batch)
-    return np.array(_cost(step)), collections.Counter(op_cycles(step))
+      step, _ = _compile_train(setup, micro_batch)
+    text = hlo_text(step, lambda options: _compile_train(setup, micro_batch, options))
+    return np.array(_cost(step, text)), collections.Counter(op_cycles(text))
 
   if not model.scan:
     how = 'XLA cost model of the compiled step'
