@@ -187,6 +187,21 @@ def test_the_program_text_comes_from_xla_dump_when_jax_cannot_reread_it():
   assert cycles == preflight.op_cycles(compiled.as_text())
   assert sum(cycles.values()) > 0
 
+  # The step time alone does not need the text (on v6e, a second compile) unless the cost
+  # model returned a negative time that the program's ConcatBitcasts must correct.
+  def no_text():
+    raise AssertionError('the text was read')
+
+  seconds, flops = preflight._cost(compiled, no_text)
+  assert seconds > 0 and flops > 0
+
+  class Negative:
+    def cost_analysis(self):
+      return {'optimal_seconds': -2.0 + 1e-3, 'flops': 1.0}
+
+  concat = 'custom_call_target="ConcatBitcast"'
+  assert preflight._cost(Negative(), lambda: f'{concat}\n{concat}') == (pytest.approx(1e-3), 1.0)
+
 
 def test_bad_topologies_are_refused_in_one_line():
   for bad in ('v4-512', 'v9:2x2', 'v5e:16'):

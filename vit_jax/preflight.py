@@ -29,6 +29,7 @@ compile.
 
 import collections
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -349,8 +350,9 @@ def _compile_eval(setup: _Setup, eval_batch_size: int):
   return setup.steps.eval.lower(state['params'], state['model_state'], batch).compile()
 
 
-def _cost(compiled, text: str) -> tuple[float, float]:
-  """(XLA's step seconds, FLOPs per device) from the cost analysis; `text`: `hlo_text`.
+def _cost(compiled, text) -> tuple[float, float]:
+  """(XLA's step seconds, FLOPs per device) from the cost analysis; `text()`: `hlo_text`,
+  read only when needed.
 
   The TPU compiler inserts 'ConcatBitcast' custom calls (a relayout, no work) that the
   cost model cannot cost and counts as -1 s each; they are counted as 0 here.
@@ -360,7 +362,7 @@ def _cost(compiled, text: str) -> tuple[float, float]:
     analysis = analysis[0]
   seconds = float(analysis['optimal_seconds'])
   if seconds < 0:
-    seconds += text.count('custom_call_target="ConcatBitcast"')
+    seconds += text().count('custom_call_target="ConcatBitcast"')
   if seconds < 0:
     raise ValueError("XLA's cost model could not cost the step (optimal_seconds "
                      f"{seconds:.3f}); run with --noestimate for the memory only.")
@@ -423,7 +425,7 @@ def _stacks(model) -> dict:
 
 
 def estimate_step(config, devices, num_classes: int, train_size: int, model,
-                  compiled=None) -> tuple[float, float, str, dict]:
+                  compiled=None, *, by_operation: bool = True) -> tuple[float, float, str, dict]:
   """(seconds, XLA FLOPs on all devices, how, {operation: cycles}) of one training step,
   by XLA's cost model.
 
@@ -432,7 +434,8 @@ def estimate_step(config, devices, num_classes: int, train_size: int, model,
   the step is compiled unrolled at depth 1 and with one more block in each stack, and
   the difference (the cost of a block) is extrapolated to the model's depths; with
   gradient accumulation, one micro-batch step is costed and multiplied. The cycles by
-  operation (`op_cycles`) are extrapolated the same way.
+  operation (`op_cycles`) are extrapolated the same way; without `by_operation` they are
+  not read (`{}`), which spares reading the program's text (a recompile on v6e).
   """
   accumulation = config.grad_accum_steps
   micro_batch = config.global_batch_size // accumulation
@@ -446,8 +449,10 @@ def estimate_step(config, devices, num_classes: int, train_size: int, model,
     setup = _setup(variant, devices, num_classes, train_size)
     if step is None:
       step, _ = _compile_train(setup, micro_batch)
-    text = hlo_text(step, lambda options: _compile_train(setup, micro_batch, options))
-    return np.array(_cost(step, text)), collections.Counter(op_cycles(text))
+    text = functools.cache(
+        lambda: hlo_text(step, lambda options: _compile_train(setup, micro_batch, options)))
+    cost = np.array(_cost(step, text))
+    return cost, collections.Counter(op_cycles(text()) if by_operation else {})
 
   if not model.scan:
     how = 'XLA cost model of the compiled step'
@@ -543,7 +548,7 @@ def run(config, topology: str, num_slices: int = 1, *, estimate: bool = True,
     return report
   if estimate:
     seconds, flops, how, cycles = estimate_step(config, tpu.devices, num_classes, train_size,
-                                                model, compiled)
+                                                model, compiled, by_operation=breakdown > 0)
     report.step_seconds, report.xla_flops_per_step, report.estimate_source = seconds, flops, how
     report.breakdown = _shares(cycles, breakdown)
     report.model_flops_per_step = float(
