@@ -75,6 +75,7 @@ def get_config(arg=None):
   # bfloat16 activations and matmuls, float32 parameters, optimizer state and statistics.
   config.model.dtype = 'bfloat16'
   config.sharding_rules = config_utils.FSDP_OVER_DATA  # see config_utils
+  config.mesh = config_utils.PAPER_MESH  # FSDP within each TPU slice
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2000

@@ -63,4 +63,5 @@ def get_config(arg=None):
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 2000
   config.sharding_rules = config_utils.FSDP_OVER_DATA  # see config_utils
+  config.mesh = config_utils.PAPER_MESH  # FSDP within each TPU slice
   return config

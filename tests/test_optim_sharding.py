@@ -120,6 +120,11 @@ def test_mesh_axes_and_batch_size_checks():
   with pytest.raises(ValueError, match=r'global_batch_size=12 is not divisible by the 8 devices'):
     sharding.check_batch_size(12, mesh, 'global_batch_size')
   assert sharding.check_batch_size(16, mesh) == 16  # one process holds the whole batch
+  # 'slices': one per TPU slice; these 8 CPU devices are one slice.
+  mesh = sharding.make_mesh([('replica', 'slices'), ('data', -1)])
+  assert dict(mesh.shape) == {'replica': 1, 'data': 8}
+  with pytest.raises(ValueError, match="Mesh axis 'data' has size 'all'.*'slices'"):
+    sharding.make_mesh([('data', 'all')])
 
 
 def test_fsdp_rules_shard_the_largest_divisible_dimension():

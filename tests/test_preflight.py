@@ -153,6 +153,24 @@ def test_two_slices_put_the_data_axis_over_the_slices():
   assert slices == [0] * 4 + [1] * 4
 
 
+def test_the_paper_recipes_keep_fsdp_inside_each_slice():
+  """The paper recipes split their state over `data` (FSDP); on two slices their mesh
+  gives each slice a replica, so the gathers of the parameters stay inside a slice."""
+  config = tiny_config('mae')
+  assert (config.mesh, config.sharding_rules) == ([('replica', 'slices'), ('data', -1)],
+                                                  [('.*', 'fsdp:data')])
+  report = preflight.run(config, 'v5e:2x2', num_slices=2, estimate=False)
+  assert report.fits
+  assert "mesh {'replica': 2, 'data': 4}" in report.title
+  tpu = preflight.tpu_slice('v5e:2x2', num_slices=2)
+  setup = preflight._setup(config, tpu.devices, 1000, 1_281_167)
+  assert [[d.slice_index for d in row] for row in setup.mesh.devices] == [[0] * 4, [1] * 4]
+  # A kernel is split 4 ways over `data` (inside a slice), not over the 8 devices.
+  kernel = setup.steps.abstract_state['params']['decoder_pred']['kernel']
+  assert 'data' in kernel.sharding.spec and 'replica' not in kernel.sharding.spec
+  assert math.prod(kernel.sharding.shard_shape(kernel.shape)) * 4 == math.prod(kernel.shape)
+
+
 def test_operations_are_named_the_same_for_every_block():
   name = 'jit(train_step)/transpose(jvp(MAE))/Decoder/encoderblock_3/MlpBlock_0/Dense_1/dot_general'
   assert preflight.operation(name) == 'backward MAE/Decoder/encoderblock/MlpBlock/Dense/dot_general'

@@ -59,7 +59,7 @@ MESHES = {
     'one device': lambda: sharding.make_mesh([('data', -1)], devices=jax.devices()[:1]),
     'data parallel': lambda: sharding.make_mesh([('data', -1)]),
     'fsdp': lambda: sharding.make_mesh([('data', 2), ('fsdp', 4)]),
-    'paper recipes': lambda: sharding.make_mesh([('data', -1)]),
+    'paper recipes': lambda: sharding.make_mesh(config_utils.PAPER_MESH),
 }
 
 

@@ -62,6 +62,10 @@ def parse_arg(arg: str | None, *, variants: tuple = VARIANTS,
 # gave 162.2 ms per step replicated, 137.0 ms with only the optimizer state split
 # (ZeRO-1) and 126.1 ms (8.62 GiB instead of 11.28) with this (docs/preflight.md).
 FSDP_OVER_DATA = [('.*', 'fsdp:data')]
+# Their mesh: on several TPU slices, one replica of the split state per slice, so that
+# only the gradient all-reduce crosses the slow network between slices; on one slice,
+# the `data` axis alone (`replica` has size 1). See vit_jax/sharding.py.
+PAPER_MESH = [('replica', 'slices'), ('data', -1)]
 
 
 def base_config(objective: str = 'classification') -> ml_collections.ConfigDict:

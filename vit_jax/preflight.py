@@ -496,8 +496,9 @@ def _hints(config, model, report: Report, state_bytes: int) -> tuple[str, ...]:
   hints = []
   if all(rule == 'replicate' for _, rule in config.sharding_rules) and (
       state_bytes > 0.2 * chip.hbm_bytes):
+    axis = next((name for name, size in config.mesh if size == -1), config.mesh[0][0])
     hints.append('shard parameters and optimizer state (FSDP): '
-                 f'--config.sharding_rules="[(\'.*\', \'fsdp:{config.mesh[0][0]}\')]"')
+                 f'--config.sharding_rules="[(\'.*\', \'fsdp:{axis}\')]"')
   if model.remat_policy == 'none':
     hints.append('recompute activations in the backward pass: '
                  '--config.model.remat_policy=nothing_saveable')

@@ -16,7 +16,12 @@ Batches are always split over every mesh axis, so every device gets its own exam
 Several TPU slices (multi-slice): the first mesh axis that the number of slices divides
 (the `data` axis by default) spans the slices, built with JAX's hybrid mesh helper, so
 that each slice holds a contiguous part of it and only that axis's collectives (the
-gradient all-reduce of data parallelism) cross the slower network between slices.
+gradient all-reduce of data parallelism) cross the slower network between slices. An
+axis may have the size 'slices', the number of slices the devices span (1 on one
+slice): the paper recipes' mesh `[('replica', 'slices'), ('data', -1)]`
+(config_utils.PAPER_MESH) keeps FSDP over `data` inside each slice, with a replica of
+the state per slice, so that only the gradient all-reduce between the replicas crosses
+that network, not the gathers of the parameters.
 """
 
 import re
@@ -30,8 +35,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vit_jax import param_tree
 
 
-def make_mesh(axes: Sequence[tuple[str, int]] = (('data', -1),), devices=None) -> Mesh:
-  """A mesh with the named axes; one size may be -1 for 'all remaining devices'.
+def make_mesh(axes: Sequence[tuple[str, int | str]] = (('data', -1),), devices=None) -> Mesh:
+  """A mesh with the named axes; one size may be -1 for 'all remaining devices', and
+  'slices' is the number of TPU slices the devices span.
 
   Devices are ordered by process so that each process owns a contiguous block of the
   batch axis, which `jax.make_array_from_process_local_data` expects.
@@ -39,7 +45,12 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (('data', -1),), devices=None) -
   devices = list(jax.devices() if devices is None else devices)
   devices.sort(key=lambda d: (d.process_index, d.id))
   names = tuple(name for name, _ in axes)
-  sizes = [int(size) for _, size in axes]
+  num_slices = len({getattr(d, 'slice_index', None) or 0 for d in devices})
+  for name, size in axes:
+    if not (size == 'slices' or isinstance(size, int)):
+      raise ValueError(f"Mesh axis {name!r} has size {size!r}: use a number, -1 (all the "
+                       "remaining devices) or 'slices' (one per TPU slice).")
+  sizes = [num_slices if size == 'slices' else int(size) for _, size in axes]
   if len(set(names)) != len(names):
     raise ValueError(f'Mesh axis names must differ, got {names}.')
   if sizes.count(-1) > 1:
@@ -52,7 +63,6 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (('data', -1),), devices=None) -
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f'Mesh {list(axes)} needs {int(np.prod(sizes))} devices, '
                      f'but {len(devices)} are available.')
-  num_slices = len({getattr(d, 'slice_index', None) or 0 for d in devices})
   if num_slices > 1:
     return Mesh(_multi_slice_devices(sizes, devices, num_slices, axes), names)
   return Mesh(np.array(devices).reshape(sizes), names)
