@@ -217,8 +217,10 @@ def test_the_program_text_comes_from_xla_dump_when_jax_cannot_reread_it():
     def cost_analysis(self):
       return {'optimal_seconds': -2.0 + 1e-3, 'flops': 1.0}
 
-  concat = 'custom_call_target="ConcatBitcast"'
-  assert preflight._cost(Negative(), lambda: f'{concat}\n{concat}') == (pytest.approx(1e-3), 1.0)
+  concat, token = ('custom_call_target="ConcatBitcast"', 'custom_call_target="NopReturnToken"')
+  assert preflight._cost(Negative(), lambda: f'{concat}\n{token}') == (pytest.approx(1e-3), 1.0)
+  with pytest.raises(ValueError, match='could not cost the step'):
+    preflight._cost(Negative(), lambda: concat)
 
 
 def test_bad_topologies_are_refused_in_one_line():

@@ -350,19 +350,23 @@ def _compile_eval(setup: _Setup, eval_batch_size: int):
   return setup.steps.eval.lower(state['params'], state['model_state'], batch).compile()
 
 
+_UNCOSTED = ('ConcatBitcast', 'NopReturnToken')
+
+
 def _cost(compiled, text) -> tuple[float, float]:
   """(XLA's step seconds, FLOPs per device) from the cost analysis; `text()`: `hlo_text`,
   read only when needed.
 
-  The TPU compiler inserts 'ConcatBitcast' custom calls (a relayout, no work) that the
-  cost model cannot cost and counts as -1 s each; they are counted as 0 here.
+  The TPU compiler inserts custom calls that do no work and that the cost model counts
+  as -1 s each (`_UNCOSTED`: 'ConcatBitcast', a relayout, and on v6e 'NopReturnToken',
+  after an asynchronous slice); they are counted as 0 here.
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   seconds = float(analysis['optimal_seconds'])
   if seconds < 0:
-    seconds += text().count('custom_call_target="ConcatBitcast"')
+    seconds += sum(text().count(f'custom_call_target="{name}"') for name in _UNCOSTED)
   if seconds < 0:
     raise ValueError("XLA's cost model could not cost the step (optimal_seconds "
                      f"{seconds:.3f}); run with --noestimate for the memory only.")
