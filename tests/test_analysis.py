@@ -120,20 +120,26 @@ def test_position_similarity_has_a_unit_diagonal_and_is_local_for_sincos():
   assert np.all(np.diff(by_distance) < 0), by_distance
 
 
-def test_embedding_components_recover_the_directions_of_the_filters():
+@pytest.mark.parametrize('kernel_sign', [1.0, -1.0])
+@pytest.mark.parametrize('gap', [0.0, 1e-11])
+def test_embedding_components_recover_the_directions_of_the_filters(gap, kernel_sign):
   # 200 filters of 2x2x3 pixels: 3 * a * u + b * v + a constant, a and b standard normal.
+  # v's two pixels tie in magnitude (gap 0: exactly, so the SVD's last bit decides which
+  # is larger; gap 1e-11: the negative one is larger by far more than rounding, so a bare
+  # argmax would pick it on every processor): the first of them sets the sign.
   rng = np.random.default_rng(1)
   u, v = np.zeros(12), np.zeros(12)
-  u[0], v[[5, 7]] = 1.0, [math.sqrt(0.5), -math.sqrt(0.5)]
+  u[0], v[[5, 7]] = 1.0, [1.0, -(1.0 + gap)]
+  v /= np.linalg.norm(v)
   a, b = rng.standard_normal(200), rng.standard_normal(200)
   a, b = a - a.mean(), b - b.mean()
   b -= a * (a @ b) / (a @ a)  # exactly uncorrelated: the components are u and v
-  filters = 3 * a[:, None] * u + b[:, None] * v + 0.7
+  filters = kernel_sign * (3 * a[:, None] * u + b[:, None] * v + 0.7)
   kernel = filters.T.reshape(2, 2, 3, 200)
   components, explained = analysis.embedding_components(kernel, 5)
   assert components.shape == (5, 2, 2, 3)
   np.testing.assert_allclose(components[0].ravel(), u, atol=1e-12)
-  np.testing.assert_allclose(components[1].ravel(), v, atol=1e-12)  # largest pixel positive
+  np.testing.assert_allclose(components[1].ravel(), v, atol=1e-12)  # pixel 5 positive
   total = 9 * (a @ a) + b @ b
   np.testing.assert_allclose(explained, [9 * (a @ a) / total, b @ b / total, 0, 0, 0], atol=1e-12)
 

@@ -24,6 +24,9 @@ BLOCK_PREFIX = 'encoderblock_'
 # `LayerNorm_0` and passes its output as queries, keys and values.
 ATTENTION_INPUT = 'LayerNorm_0'
 ATTENTION = 'MultiHeadDotProductAttention_1'
+# Relative gap under which two pixels of a principal component count as equally large
+# (float64 SVDs agree to ~1e-15 across processors; real filters differ far more).
+SIGN_TOLERANCE = 1e-9
 
 
 # --------------------------------------------------------------------- attention weights
@@ -218,9 +221,14 @@ def embedding_components(kernel, num_components: int) -> tuple[np.ndarray, np.nd
   k = min(num_components, directions.shape[0])
   explained = variance[:k] / variance.sum()
   # SVD's signs are arbitrary: make each component's largest pixel positive, so that
-  # figures of two models can be compared.
+  # figures of two models can be compared. Pixels whose magnitudes tie within rounding
+  # (a symmetric filter) are decided by the last bit of the SVD, which differs between
+  # processors' BLAS: the first pixel within SIGN_TOLERANCE of the largest decides.
   components = directions[:k]
-  signs = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
+  magnitude = np.abs(components)
+  near_largest = magnitude >= magnitude.max(axis=1, keepdims=True) * (1 - SIGN_TOLERANCE)
+  deciding = near_largest.argmax(axis=1)  # the first True
+  signs = np.where(components[np.arange(k), deciding] < 0, -1.0, 1.0)
   components = components * signs[:, None]
   return components.reshape(k, p_h, p_w, channels), explained
 
