@@ -34,7 +34,6 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,38 +72,6 @@ POOL_OUTPUT = {
 # ------------------------------------------------------------------------- the model
 
 
-def flat_params(tree) -> dict[str, np.ndarray]:
-  """Nested or flat ('/' keys), scanned or not -> flat '/' keys, unscanned, numpy."""
-  if any('/' in key for key in tree):
-    tree = traverse_util.unflatten_dict(dict(tree), sep='/')
-  tree = param_tree.unscan_params(tree)
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
-
-
-def fields_from_params(flat: dict) -> dict:
-  """The model fields a checkpoint's arrays show (all but the number of heads)."""
-  if 'embedding/kernel' not in flat:
-    raise ValueError(f'the checkpoint has no embedding/kernel (keys: {sorted(flat)[:6]} ...); '
-                     'it is not a ViT or MAE encoder.')
-  patch, _, channels, width = flat['embedding/kernel'].shape
-  blocks = {key.split('/')[1] for key in flat if key.startswith('Transformer/encoderblock_')}
-  fields = dict(patch_size=patch, channels=channels, width=width, depth=len(blocks),
-                mlp_dim=flat['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'].shape[1],
-                class_token='cls' in flat, fc_norm='fc_norm/scale' in flat,
-                representation_size=(flat['pre_logits/kernel'].shape[1]
-                                     if 'pre_logits/kernel' in flat else None))
-  fields['pool'] = ('map' if any(k.startswith('MAPHead_0/') for k in flat) else
-                    'gap' if fields['fc_norm'] or not fields['class_token'] else 'tok')
-  if interop.POSEMB in flat:
-    fields['posemb'] = 'learn'
-    side = math.isqrt(flat[interop.POSEMB].shape[1] - int(fields['class_token']))
-    if side * side == flat[interop.POSEMB].shape[1] - int(fields['class_token']):
-      fields['image_size'] = side * patch
-  else:
-    fields['posemb'] = 'sincos2d'  # MAE encoders: the fixed table is not stored
-  return fields
-
-
 def parse_fields(items) -> dict:
   """['num_heads=4', 'pool=gap'] -> {'num_heads': 4, 'pool': 'gap'}."""
   fields = {}
@@ -141,13 +108,13 @@ def load(workdir, checkpoint_path, model_name, overrides):
   if config is None and not model_name:
     raise ValueError(f'{weights} has no config.json: give --model=NAME (e.g. ViT-B/16) for it.')
   source, loaded = checkpoint.load_params(weights)
-  flat = flat_params(loaded)
+  flat = param_tree.flat_numpy(loaded)
   if config is not None:
     name, fields = config.model_name, config.model.to_dict()
     if name.startswith('MAE-'):  # the encoder: class token, fixed sincos2d, encoder_norm
       fields.update(pool='tok', posemb='sincos2d', fc_norm=False)
   else:
-    name, fields = model_name, fields_from_params(flat)
+    name, fields = model_name, interop.model_fields(flat)
   model = build_model(name, {**fields, **overrides})
   fresh = jax.device_get(jax.jit(lambda key: models.init_variables(model, key))(
       jax.random.key(0))['params'])

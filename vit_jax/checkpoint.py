@@ -14,6 +14,8 @@ truncated or overwritten array file, empty metadata) is moved to
 the step can be written again; Orbax ignores (and removes) a save that never finished.
 """
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -236,28 +238,54 @@ def _find_state_dir(path: str) -> str:
                    'folder, a step folder or a folder written by scripts/convert_checkpoint.py).')
 
 
-def load_params(path: str) -> tuple[str, dict]:
+class _ItemFolderNotes(logging.Filter):
+  """Drops Orbax's 'Metadata file does not exist' warning for an item folder (state/)
+  read on its own: a step's metadata file lives one level up, so it is not missing."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith('Metadata file does not exist')
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+  note_filter, logger = _ItemFolderNotes(), logging.getLogger('absl')
+  logger.addFilter(note_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(note_filter)
+
+
+def load_params(path: str, *, model_state: bool = False) -> tuple[str, dict]:
   """Reads the parameters of any checkpoint we know, as a tree of numpy arrays.
 
   Orbax: a workdir (latest step), a step folder, or a pytree folder holding 'params'.
   Files: whatever `interop.load_checkpoint_file` reads (.npz, .safetensors, .pth, ...).
   Either may be local or on gs://.
-  Returns (description of the source, params).
+  Returns (description of the source, params); with `model_state`, (source,
+  {'params': ..., **model_state}): the variables the model applies with, BatchNorm
+  statistics included where a training state has them (files have none).
   """
   if not epath.Path(path).exists():
     raise ValueError(f'init.path {path!r} does not exist.')
   if epath.Path(path).is_file():
-    return interop.load_checkpoint_file(path)
+    source, params = interop.load_checkpoint_file(path)
+    return (source, {'params': params}) if model_state else (source, params)
   state_dir = _find_state_dir(_absolute(path))
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(state_dir).item_metadata.tree
-  if 'params' not in tree:
-    raise ValueError(f'{state_dir}: the checkpoint has no "params" entry (found {sorted(tree)}).')
-  item = {'params': jax.tree.map(lambda _: 0, tree['params'])}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
-  return f'orbax:{state_dir}', restored['params']
+  with _quiet_item_metadata():
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    if 'params' not in tree:
+      raise ValueError(f'{state_dir}: the checkpoint has no "params" entry (found {sorted(tree)}).')
+    names = ('params', 'model_state') if model_state and tree.get('model_state') else ('params',)
+    item = {name: jax.tree.map(lambda _: 0, tree[name]) for name in names}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  source = f'orbax:{state_dir}'
+  if not model_state:
+    return source, restored['params']
+  return source, {'params': restored['params'], **restored.get('model_state', {})}
 
 
 def check_initial_params(init_config, model, abstract_params) -> tuple[str, dict]:

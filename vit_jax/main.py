@@ -169,6 +169,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_ReportedElsewhere())
     _quiet_hooks()
+  from vit_jax import platform  # pylint: disable=import-outside-toplevel
+  platform.skip_absent_tpu()
   initialize_distributed()
   from vit_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel
   try:
@@ -181,5 +183,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == '__main__':
+def run():
+  """Console entry point (vit-jax-train)."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

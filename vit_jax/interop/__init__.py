@@ -41,9 +41,9 @@ Anything else is a one-line CheckpointError naming the file.
 from vit_jax.interop.common import POSEMB, CheckpointError
 from vit_jax.interop.export import (export_npz, export_timm_safetensors, timm_kwargs,
                                     to_timm_state_dict)
-from vit_jax.interop.fitting import HEAD, MAE_TO_VIT, FitReport, fit_params
+from vit_jax.interop.fitting import HEAD, MAE_TO_VIT, FitReport, fit_params, model_fields
 from vit_jax.interop.readers import load_checkpoint_file
 
 __all__ = ['POSEMB', 'HEAD', 'MAE_TO_VIT', 'CheckpointError', 'FitReport', 'load_checkpoint_file',
-           'fit_params', 'export_npz', 'export_timm_safetensors', 'timm_kwargs',
+           'fit_params', 'model_fields', 'export_npz', 'export_timm_safetensors', 'timm_kwargs',
            'to_timm_state_dict']

@@ -203,3 +203,36 @@ def check_fit(source: str, *, mismatched, missing, unexpected) -> None:
     hint = (' Allow them with allow_missing=/ignore_unexpected= regexes (interop.MAE_TO_VIT '
             'for an MAE encoder).' if (missing or unexpected) and not mismatched else '')
     raise CheckpointError(f'{source}: does not fit the model: {"; ".join(problems)}.{hint}')
+
+
+def model_fields(flat: dict) -> dict:
+  """The ViT fields a checkpoint's arrays show (all but the number of heads).
+
+  Args:
+    flat: flat '/' keys, unscanned (param_tree.flat_numpy of any loaded tree).
+  Returns:
+    patch_size, channels, width, depth, mlp_dim, class_token, fc_norm,
+    representation_size, pool, posemb, num_classes (0 without a head) and image_size
+    (when a learned position table is square).
+  """
+  if 'embedding/kernel' not in flat:
+    raise CheckpointError(f'the checkpoint has no embedding/kernel (keys: {sorted(flat)[:6]} '
+                          '...); it is not a ViT or MAE encoder.')
+  patch, _, channels, width = flat['embedding/kernel'].shape
+  blocks = {key.split('/')[1] for key in flat if key.startswith('Transformer/encoderblock_')}
+  fields = dict(patch_size=patch, channels=channels, width=width, depth=len(blocks),
+                mlp_dim=flat['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'].shape[1],
+                class_token='cls' in flat, fc_norm='fc_norm/scale' in flat,
+                representation_size=(flat['pre_logits/kernel'].shape[1]
+                                     if 'pre_logits/kernel' in flat else None),
+                num_classes=flat['head/kernel'].shape[-1] if 'head/kernel' in flat else 0)
+  fields['pool'] = ('map' if any(k.startswith('MAPHead_0/') for k in flat) else
+                    'gap' if fields['fc_norm'] or not fields['class_token'] else 'tok')
+  if POSEMB in flat:
+    fields['posemb'] = 'learn'
+    side = math.isqrt(flat[POSEMB].shape[1] - int(fields['class_token']))
+    if side * side == flat[POSEMB].shape[1] - int(fields['class_token']):
+      fields['image_size'] = side * patch
+  else:
+    fields['posemb'] = 'sincos2d'  # MAE encoders: the fixed table is not stored
+  return fields

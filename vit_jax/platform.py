@@ -1,0 +1,42 @@
+"""Which JAX backends a command starts, chosen before JAX starts any.
+
+libtpu (requirements-tpu.txt) is installed for the pre-flight, which compiles for TPU
+topologies on a machine without a TPU. Installed, it makes every JAX program try to open
+a TPU at start-up; where there is none, libtpu prints errors about TPU_WORKER_HOSTNAMES
+and a 'Source Location Trace' to stderr before JAX falls back to the CPU. They point at
+no problem, so our commands leave the TPU backend out where no TPU chip is attached and
+the user has not chosen the platforms (JAX_PLATFORMS, or JAX_FORCE_TPU_INIT).
+"""
+
+import os
+
+
+def tpu_backend_is_pointless() -> bool:
+  """libtpu is installed, no TPU chip is attached, and nothing says to use it anyway."""
+  if os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
+    return False
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec('libtpu') is None and not os.environ.get('TPU_LIBRARY_PATH'):
+    return False
+  try:  # JAX's own check (PCI devices of Google's TPU vendor id), as its TPU start-up does.
+    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    gpu = hardware_utils.has_visible_nvidia_gpu()
+  except Exception:  # pylint: disable=broad-except  (moved in another JAX: change nothing)
+    return False
+  return chips == 0 and not gpu
+
+
+def skip_absent_tpu() -> None:
+  """Leaves the TPU backend out where it is pointless; does nothing once JAX's backends
+  have started (the first jax.devices() or computation starts them)."""
+  if not tpu_backend_is_pointless():
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if xla_bridge.backends_are_initialized():
+      return
+  except (ImportError, AttributeError):
+    return
+  jax.config.update('jax_platforms', 'cpu')
