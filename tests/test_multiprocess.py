@@ -103,7 +103,9 @@ def test_classification_two_processes_equal_one(tmp_path, data_dir):
   assert_close(losses(tmp_path / 'two'), losses(tmp_path / 'one'), range(1, 4))
   one, two = eval_rows(tmp_path / 'one')[-1], eval_rows(tmp_path / 'two')[-1]
   assert one['eval/count'] == two['eval/count'] == 100
-  assert two['eval/top1'] == pytest.approx(one['eval/top1'], abs=1e-6)
+  # The two runs reduce in another order (gloo vs in-process), so their logits differ in
+  # the last bits: one example of the 100 whose two leading logits nearly tie may flip.
+  assert two['eval/top1'] == pytest.approx(one['eval/top1'], abs=0.0101)
   assert two['eval/loss'] == pytest.approx(one['eval/loss'], rel=1e-5)
 
 

@@ -75,20 +75,24 @@ def test_dot_product_attention_equals_jax_nn():
 
 
 def test_attention_in_bfloat16_is_about_as_accurate_as_autodiff():
-  """Errors against float32 of the same bfloat16 inputs: within 1.5x those of jax.nn's."""
+  """Errors against float32 of the same bfloat16 inputs: on average within 1.5x those of
+  jax.nn's; at worst within 2x plus one bfloat16 step at 1-2 (one element rounded the
+  other way moves a maximum by a whole step, on some processors' bfloat16 kernels)."""
   keys = jax.random.split(jax.random.key(2), 3)
   inputs = [jax.random.normal(k, (2, 9, 4, 16)).astype(jnp.bfloat16) for k in keys]
   reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1.0)  # noqa: E731
   as_f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
   exact = as_f32(_value_and_grads(reference, as_f32(inputs)))
 
-  def errors(fn):
+  def errors(fn, reduce):
     out, grads = as_f32(_value_and_grads(fn, inputs))
-    return [float(jnp.max(jnp.abs(a - b))) for a, b in zip((out, *grads),
-                                                            (exact[0], *exact[1]))]
+    return [float(reduce(jnp.abs(a - b))) for a, b in zip((out, *grads),
+                                                          (exact[0], *exact[1]))]
 
-  ours, theirs = errors(ops.dot_product_attention), errors(reference)
-  assert all(o <= 1.5 * t + 1e-3 for o, t in zip(ours, theirs)), (ours, theirs)
+  ours, theirs = errors(ops.dot_product_attention, jnp.mean), errors(reference, jnp.mean)
+  assert all(o <= 1.5 * t + 1e-4 for o, t in zip(ours, theirs)), (ours, theirs)
+  ours, theirs = errors(ops.dot_product_attention, jnp.max), errors(reference, jnp.max)
+  assert all(o <= 2 * t + 2**-7 for o, t in zip(ours, theirs)), (ours, theirs)
 
 
 TINY = dict(image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64)

@@ -238,3 +238,17 @@ def test_every_paper_variant_names_its_hardware():
                         'configs/mae_finetune.py': 'v3:8x8',
                         'configs/linear_probe.py': 'v3:8x8',
                         'configs/vit_scratch.py': 'v3:2x2'}
+
+
+def test_with_libtpu_installed_the_commands_start_quietly(tmp_path):
+  # libtpu, installed for the pre-flight, must not print its TPU start-up errors on a
+  # machine without a TPU (vit_jax/platform.py): the demo's commands and a prediction.
+  from tests import test_outputs  # pylint: disable=import-outside-toplevel
+  data_dir = str(tmp_path / 'tfds')
+  _, finetune, printed = test_outputs.run_demo_commands(tmp_path, data_dir)
+  predict = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.predict', f'--checkpoint={finetune}',
+       f'--images={os.path.join(os.path.dirname(__file__), "..", "docs", "examples")}'],
+      env=test_outputs.quiet_env(data_dir), capture_output=True, text=True, timeout=300)
+  assert predict.returncode == 0, predict.stderr
+  test_outputs.assert_quiet(printed + predict.stdout + predict.stderr)

@@ -183,10 +183,10 @@ def main(argv):
     sys.exit(1)
 
 
-def run():
+def cli():
   """Console entry point (vit-jax-train)."""
   app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  run()
+  cli()

@@ -198,9 +198,35 @@ class MetricWriter:
       self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
 
+  def write_image(self, step: int, name: str, image) -> None:
+    """An image for TensorBoard's Images tab: uint8 (H, W, 3), or a PNG file's path."""
+    if not self.enabled:
+      return
+    self.tensorboard.add_image(name, image_array(image), int(step), dataformats='HWC')
+    self.tensorboard.flush()
+
   def close(self) -> None:
     if self.tensorboard is not None:
       self.tensorboard.close()
+
+
+def image_array(image) -> np.ndarray:
+  """uint8 (H, W, 3) of an array (grey (H, W) repeated) or an image file (also gs://)."""
+  if isinstance(image, (str, os.PathLike)):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    with epath.Path(image).open('rb') as f, Image.open(f) as opened:
+      image = np.asarray(opened.convert('RGB'))
+  image = np.asarray(image, np.uint8)
+  return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+
+
+def write_images(workdir: str, step: int, images: dict) -> None:
+  """Adds {name: image} to workdir/tensorboard at `step`, outside a training run (the
+  analyses, predictions): TensorBoard shows them beside the run's own."""
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  with SummaryWriter(os.path.join(workdir, 'tensorboard')) as tensorboard:
+    for name, image in images.items():
+      tensorboard.add_image(name, image_array(image), int(step), dataformats='HWC')
 
 
 def _step_of(line: str) -> int | None:

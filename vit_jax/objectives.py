@@ -95,9 +95,10 @@ class Objective:
             'top5': jnp.sum(jnp.any(hits, axis=1) * weight),
             'count': jnp.sum(weight)}
 
-  def finish(self, model, mesh, state, workdir: str) -> str | None:
-    """End-of-run artefacts (collective: called on every process); a line for the log."""
-    del model, mesh, state, workdir
+  def finish(self, model, mesh, state, workdir: str, writer) -> str | None:
+    """End-of-run artefacts (collective: called on every process), images also through
+    `writer` (metrics.MetricWriter) to TensorBoard; returns a line for the log."""
+    del model, mesh, state, workdir, writer
     return None
 
 
@@ -150,8 +151,9 @@ class MaskedAutoencoder(Objective):
       raise ValueError(f'reconstructions={self.option("reconstructions")} must be 0 (none) or '
                        f'positive.')
 
-  def finish(self, model, mesh, state, workdir: str) -> str | None:
-    """The four-panel figure of the first evaluation images (reconstructions.png)."""
+  def finish(self, model, mesh, state, workdir: str, writer) -> str | None:
+    """The four-panel figure of the first evaluation images (reconstructions.png, and
+    'mae/reconstructions' in TensorBoard)."""
     num_images = self.option('reconstructions')
     if not num_images:
       return None
@@ -168,6 +170,7 @@ class MaskedAutoencoder(Objective):
       visualize.save_reconstructions(model, params, images[:num_images], path,
                                      mean=config.data.mean, std=config.data.std,
                                      seed=config.seed)
+      writer.write_image(int(state['step'].addressable_data(0)), 'mae/reconstructions', path)
     return f'Reconstructions: {path}'
 
 

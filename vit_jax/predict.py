@@ -153,7 +153,7 @@ def write_rows(all_rows, stream, fmt: str, k: int, labelled: bool) -> None:
     for row in all_rows:
       stream.write(json.dumps(row) + '\n')
     return
-  writer = csv.writer(stream)
+  writer = csv.writer(stream, lineterminator='\n')
   header = ['image'] + (['label'] if labelled else [])
   for rank in range(1, k + 1):
     header += [f'class_{rank}', f'probability_{rank}']
@@ -274,11 +274,11 @@ def main(argv):
     sys.exit(1)
 
 
-def run():
+def cli():
   """Console entry point (vit-jax-predict)."""
   flags.mark_flag_as_required('checkpoint')
   app.run(main)
 
 
 if __name__ == '__main__':
-  run()
+  cli()

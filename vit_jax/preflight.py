@@ -614,7 +614,12 @@ def _define_flags():
                        'estimated step (cycles of XLA\'s cost model by JAX operation).')
 
 
-if __name__ == '__main__':
+def cli():
+  """Console entry point (vit-jax-preflight)."""
   from absl import app as _app  # pylint: disable=import-outside-toplevel
   _define_flags()
   _app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -688,7 +688,8 @@ def main(argv) -> int:
   return 0
 
 
-def _cli():
+def cli():
+  """Console entry point (vit-jax-sweep)."""
   from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/NAME.py).')
   flags.DEFINE_string('workdir', None, 'Root of the members\' workdirs and the results.')
@@ -712,4 +713,4 @@ def _cli():
 if __name__ == '__main__':
   # Sweep files import vit_jax.sweep: run that module, not a second copy named __main__.
   from vit_jax import sweep as _module  # pylint: disable=import-self
-  _module._cli()  # pylint: disable=protected-access
+  _module.cli()

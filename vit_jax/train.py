@@ -359,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return {'step': step, 'preempted': 1.0}
     if not final:  # resumed a finished run: evaluate what it left
       final = evaluate(state)
-    note = objective.finish(model, mesh, state, workdir)
+    note = objective.finish(model, mesh, state, workdir, writer)
     if note:
       progress.print(note)
   finally:
