@@ -38,7 +38,8 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vit_jax import analysis, checkpoint, data, param_tree, interop, models, train  # noqa: E402
+from vit_jax import analysis, checkpoint, data, inference, interop, metrics  # noqa: E402
+from vit_jax import models, param_tree, train  # noqa: E402
 from vit_jax import visualize  # noqa: E402
 from vit_jax.models import layers  # noqa: E402
 
@@ -353,6 +354,14 @@ def main(argv):
         f'(uniform attention: {result["attention_distance"]["uniform_attention_pixels"]:.1f})')
   print(f'Wrote {output_dir}/{{embedding_filters,position_similarity,attention_distance,'
         f'attention_rollout}}.png and analysis.json')
+  if _WORKDIR.value:  # beside the run's curves, under TensorBoard's Images
+    step = inference.checkpoint_step(source)
+    metrics.write_images(_WORKDIR.value, step, {
+        f'analysis/{name}': os.path.join(output_dir, result[name]['png'])
+        for name in ('embedding_filters', 'position_similarity', 'attention_distance',
+                     'attention_rollout')})
+    print(f'TensorBoard: the figures are under Images, analysis/*, at step {step} '
+          f'({_WORKDIR.value}/tensorboard).')
 
 
 if __name__ == '__main__':

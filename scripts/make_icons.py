@@ -1,6 +1,7 @@
 r"""A folder of small icons with transparent backgrounds, to measure how transparency is fed.
 
   python scripts/make_icons.py --output=/tmp/icons [--train=2000 --test=1000 --seed=0]
+      [--glyphs=mixed|light|dark]
 
 Writes ROOT/{train,test}/CLASS/NNNNN.png: 32x32 RGBA PNGs of nine shapes in unbalanced
 classes (the largest 43% of each split), as icon sets are: an anti-aliased glyph of one
@@ -26,8 +27,8 @@ SUPERSAMPLE = 4  # drawn at 128x128 and reduced: soft, anti-aliased alpha at the
 
 
 def _polygon(draw, centre, radius, angles, rotation):
-  points = [(centre[0] + radius * math.cos(a + rotation), centre[1] + radius * math.sin(a + rotation))
-            for a in angles]
+  points = [(centre[0] + radius * math.cos(a + rotation),
+             centre[1] + radius * math.sin(a + rotation)) for a in angles]
   draw.polygon(points, fill=255)
 
 
@@ -78,8 +79,9 @@ def glyph_mask(shape: str, rng: np.random.Generator) -> np.ndarray:
   return np.asarray(mask.resize((SIZE, SIZE), Image.Resampling.LANCZOS))
 
 
-def glyph_colour(rng: np.random.Generator) -> np.ndarray:
-  kind = rng.integers(3)
+def glyph_colour(rng: np.random.Generator, glyphs: str = 'mixed') -> np.ndarray:
+  """'mixed': light, dark or saturated, a third each; 'light' or 'dark': only those."""
+  kind = {'mixed': rng.integers(3), 'light': 0, 'dark': 1}[glyphs]
   if kind == 0:  # light
     return np.full(3, rng.integers(225, 256), np.uint8)
   if kind == 1:  # dark
@@ -88,10 +90,10 @@ def glyph_colour(rng: np.random.Generator) -> np.ndarray:
   return hue.reshape(3).astype(np.uint8)
 
 
-def icon(shape: str, rng: np.random.Generator) -> Image.Image:
+def icon(shape: str, rng: np.random.Generator, glyphs: str = 'mixed') -> Image.Image:
   """One RGBA icon: the glyph's colour where it is, transparent elsewhere."""
   alpha = glyph_mask(shape, rng)
-  colour = glyph_colour(rng)
+  colour = glyph_colour(rng, glyphs)
   rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
   if rng.random() < 0.3:  # the glyph's colour under every pixel
     rgba[..., :3] = colour
@@ -101,7 +103,8 @@ def icon(shape: str, rng: np.random.Generator) -> Image.Image:
   return Image.fromarray(rgba, 'RGBA')
 
 
-def write_icons(root: str, counts: dict[str, int], seed: int) -> dict[str, list[int]]:
+def write_icons(root: str, counts: dict[str, int], seed: int,
+                glyphs: str = 'mixed') -> dict[str, list[int]]:
   """Writes root/SPLIT/CLASS/NNNNN.png for {split: count}; returns {split: labels}."""
   labels = {}
   for split_index, (split, count) in enumerate(counts.items()):
@@ -113,7 +116,7 @@ def write_icons(root: str, counts: dict[str, int], seed: int) -> dict[str, list[
     for index, label in enumerate(split_labels):
       folder = os.path.join(root, split, CLASSES[label])
       os.makedirs(folder, exist_ok=True)
-      icon(CLASSES[label], rng).save(os.path.join(folder, f'{index:05d}.png'))
+      icon(CLASSES[label], rng, glyphs).save(os.path.join(folder, f'{index:05d}.png'))
     labels[split] = split_labels.tolist()
   return labels
 
@@ -122,7 +125,7 @@ def main(argv):
   del argv
   flag_values = flags.FLAGS
   counts = {'train': flag_values.train, 'test': flag_values.test}
-  labels = write_icons(flag_values.output, counts, flag_values.seed)
+  labels = write_icons(flag_values.output, counts, flag_values.seed, flag_values.glyphs)
   for split, split_labels in labels.items():
     largest = max(np.bincount(split_labels)) / len(split_labels)
     print(f'{split}: {len(split_labels)} icons, largest class {largest:.1%}')
@@ -134,5 +137,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('train', 2000, 'Training icons.')
   flags.DEFINE_integer('test', 1000, 'Test icons.')
   flags.DEFINE_integer('seed', 0, 'Seed of the shapes, colours and order.')
+  flags.DEFINE_enum('glyphs', 'mixed', ['mixed', 'light', 'dark'],
+                    'Glyph colours: light, dark and saturated a third each, or one kind.')
   flags.mark_flag_as_required('output')
   sys.exit(app.run(main))

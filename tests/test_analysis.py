@@ -280,6 +280,14 @@ def test_the_script_on_a_demo_workdir(finetune_workdir, tmp_path):
   assert maps.shape == (3, 49)
   np.testing.assert_allclose(maps.sum(1), 1.0, atol=1e-3)
   assert 'mean of the patch tokens' in numbers['attention_rollout']['output']
+  # The figures also in the workdir's TensorBoard, at the analysed checkpoint's step.
+  from tests.test_outputs import tensorboard_events  # pylint: disable=import-outside-toplevel
+  events = tensorboard_events(workdir)
+  step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  for name in ('embedding_filters', 'position_similarity', 'attention_distance',
+               'attention_rollout'):
+    [image] = events.Images(f'analysis/{name}')
+    assert image.step == step and (image.width, image.height) == png_size(out / f'{name}.png')
 
   # The numbers are those of the workdir's weights on those images, computed here.
   script = load_script()

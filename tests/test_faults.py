@@ -10,14 +10,16 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_main import ROOT, demo_config, env8, losses, main_command, tiny_flags
+from tests.test_main import (ROOT, demo_config, env8, losses, main_command, run_in_process,
+                             tiny_flags)
 from vit_jax import checkpoint, data, train
-from vit_jax.data import builders, datasets
+from vit_jax.data import builders, datasets, pipeline
 
 TOTAL_STEPS = 8
 
@@ -406,20 +408,66 @@ def test_colour_images_into_a_grayscale_model_are_refused_and_sizes_are_noted(tm
       '(--config.model.image_size=32 trains at the stored size).')
 
 
-def test_transparent_pixels_become_white(tmp_path):
-  path = tmp_path / 'icon.png'
+@pytest.mark.parametrize('background, level, flat_level',
+                         [('gray', 128, 128), ('white', 255, 255), ('black', 0, 0),
+                          ('contrast', 255, 0)])  # dark (luma 124) glyph, light glyph
+def test_transparency_is_kept_and_composited_when_read(tmp_path, background, level, flat_level):
+  # An icon folder: one RGBA file (a colour stored under its transparent half) and a
+  # palette PNG with a transparent colour; the dataset keeps alpha (4 channels), and
+  # reading composites it onto data.transparent_background.
+  root = tmp_path / 'icons'
+  for name in ('a', 'b'):
+    (root / name).mkdir(parents=True)
   pixels = np.zeros((4, 4, 4), np.uint8)
   pixels[..., :3] = (10, 200, 30)  # colour stored under the transparent pixels
   pixels[:2, :, 3] = 255  # top half opaque, bottom half transparent
   pixels[2:, :, 3] = 0
-  Image.fromarray(pixels, 'RGBA').save(path)
-  decoded = np.asarray(Image.open(io.BytesIO(
-      builders.encode_for_dataset(str(path), channels=3))))
-  assert decoded.shape == (4, 4, 3)
-  assert (decoded[:2] == (10, 200, 30)).all() and (decoded[2:] == 255).all()
-  gray = np.asarray(Image.open(io.BytesIO(
-      builders.encode_for_dataset(str(path), channels=1))))
-  assert (gray[2:] == 255).all()
+  pixels[0, 0, 3] = 51  # one pixel 20% opaque
+  Image.fromarray(pixels, 'RGBA').save(root / 'a' / 'icon.png')
+  palette = Image.new('P', (4, 4), 1)
+  palette.putpalette([0, 0, 0, 250, 250, 250])
+  palette.paste(0, (0, 2, 4, 4))
+  palette.save(root / 'b' / 'icon.png', transparency=0)  # colour 0 (black) transparent
+  layout = builders.scan_image_folder(str(root))
+  assert layout.channels == 4
+  encoded = builders.encode_for_dataset(str(root / 'b' / 'icon.png'), channels=4)
+  stored = np.asarray(Image.open(io.BytesIO(encoded)))
+  assert stored.shape == (4, 4, 4)
+  assert (stored[2:, :, 3] == 0).all() and (stored[:2, :, 3] == 255).all()
+
+  datasets.prepare('image_folder', str(tmp_path / 'tfds'), source_dir=str(root))
+  config = folder_config(tmp_path / 'tfds', root, eval_crop_fraction=1.0,
+                         transparent_background=background)
+  assert data.dataset_info(config).image_shape == (4, 4, 4)
+  batch = pipeline.eval_batches(config, local_batch_size=2, image_size=4, channels=3,
+                                split='train', process_index=0, process_count=1)[0]
+  images = np.round(batch['image'] * 0.5 * 255 + 0.5 * 255).astype(int)  # mean = std = 0.5
+  by_label = dict(zip(batch['label'].tolist(), images))
+  icon, flat = by_label[0], by_label[1]
+  assert (icon[1] == (10, 200, 30)).all() and (icon[2:] == level).all()
+  assert (icon[0, 0] == np.round(np.array([10, 200, 30]) * 0.2 + level * 0.8)).all()
+  assert (flat[:2] == 250).all() and (flat[2:] == flat_level).all()
+
+
+def test_a_grayscale_folder_with_transparency_stays_grayscale(tmp_path):
+  root = tmp_path / 'icons'
+  for name in ('a', 'b'):
+    (root / name).mkdir(parents=True)
+    grey_alpha = np.zeros((4, 4, 2), np.uint8)
+    grey_alpha[..., 0], grey_alpha[:2, :, 1] = 255, 255  # white glyph on the top half
+    Image.fromarray(grey_alpha, 'LA').save(root / name / 'icon.png')
+  assert builders.scan_image_folder(str(root)).channels == 2
+  datasets.prepare('image_folder', str(tmp_path / 'tfds'), source_dir=str(root))
+  config = folder_config(tmp_path / 'tfds', root, eval_crop_fraction=1.0, eval_split='train',
+                         transparent_background='gray')
+  info = data.dataset_info(config)
+  assert info.image_shape == (4, 4, 2)
+  data.check_dataset(config, info, image_size=4, channels=1)  # grayscale: accepted
+  batch = pipeline.eval_batches(config, local_batch_size=2, image_size=4, channels=1,
+                                split='train', process_index=0, process_count=1)[0]
+  assert batch['image'].shape == (2, 4, 4, 1)
+  levels = np.round(batch['image'][0, :, 0, 0] * 0.5 * 255 + 0.5 * 255)
+  assert levels.tolist() == [255, 255, 128, 128]  # the glyph, then the grey background
 
 
 def test_an_empty_class_folder_is_refused(tmp_path):
@@ -427,3 +475,40 @@ def test_an_empty_class_folder_is_refused(tmp_path):
   (tmp_path / 'photos' / 'cat').mkdir()
   with pytest.raises(ValueError, match=r"class folder\(s\) \['cat'\] of .* hold no image file"):
     builders.scan_image_folder(str(tmp_path / 'photos'))
+
+
+def white_glyph_icons(root, per_class: int, seed: int) -> None:
+  """ROOT/{train,test}/{circle,bar}/*.png: pure white glyphs on transparent pixels (black
+  underneath), as light icon sets are; composited onto white they are blank."""
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  import make_icons  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  for split, count in (('train', per_class), ('test', per_class // 2)):
+    for shape in ('circle', 'bar'):
+      folder = root / split / shape
+      folder.mkdir(parents=True)
+      for index in range(count):
+        rgba = np.zeros((32, 32, 4), np.uint8)
+        rgba[..., 3] = make_icons.glyph_mask(shape, rng)
+        rgba[..., :3] = np.where(rgba[..., 3:] > 0, 255, 0)
+        Image.fromarray(rgba, 'RGBA').save(folder / f'{index:03d}.png')
+
+
+def test_transparent_icons_train_at_least_as_well_as_before(tmp_path):
+  # Before (image_folder 1.1.0) transparency was composited onto white at preparation:
+  # white icons became blank images and nothing could be learned. The default background
+  # keeps them visible; 'white' reproduces what training saw before.
+  white_glyph_icons(tmp_path / 'icons', per_class=64, seed=0)
+  datasets.prepare('image_folder', str(tmp_path / 'tfds'), source_dir=str(tmp_path / 'icons'))
+  top1 = {}
+  for background in ('white', data.default_data_config().transparent_background):
+    config = demo_config('vit_scratch', str(tmp_path / 'tfds'), total_steps=40)
+    config.data.update(dict(name='image_folder', source_dir=str(tmp_path / 'icons'),
+                            eval_split='test', transparent_background=background,
+                            mean=(0.5,), std=(0.5,)))
+    config.model.update(dict(image_size=16, channels=3))
+    config.global_batch_size = 32
+    final = run_in_process(config, tmp_path / background)
+    top1[background] = final['eval/top1']
+  assert top1['white'] == 0.5  # blank images: one class for all, half of them right
+  assert top1[data.default_data_config().transparent_background] >= 0.8, top1

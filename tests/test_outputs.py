@@ -94,3 +94,21 @@ def test_the_demo_starts_quietly_and_tensorboard_sees_everything(tmp_path, data_
 @pytest.fixture
 def data_dir(tmp_path):
   return str(tmp_path / 'tfds')  # empty: the built-in data is prepared as on a new machine
+
+
+@pytest.mark.slow
+def test_training_on_an_image_folder_starts_quietly(tmp_path, data_dir):
+  from tests.test_faults import white_glyph_icons  # pylint: disable=import-outside-toplevel
+  from vit_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  white_glyph_icons(tmp_path / 'icons', per_class=16, seed=0)
+  datasets.prepare('image_folder', data_dir, source_dir=str(tmp_path / 'icons'))
+  flags = tiny_flags(data_dir, total_steps=2, mae=False) + [
+      '--config.data.name=image_folder', f'--config.data.source_dir={tmp_path / "icons"}',
+      '--config.data.eval_split=test', '--config.model.channels=3',
+      '--config.model.image_size=32', '--config.global_batch_size=16']
+  result = subprocess.run(main_command('vit_scratch.py:demo', str(tmp_path / 'run'), flags),
+                          env=quiet_env(data_dir), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert 'eval/top1' in result.stdout
+  assert_quiet(result.stdout + result.stderr)

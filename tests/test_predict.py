@@ -20,8 +20,9 @@ from PIL import Image
 
 import vit_jax
 from tests.test_main import ROOT, demo_config, env8, run_in_process
+from tests.test_outputs import tensorboard_events
 from vit_jax import data, interop, param_tree
-from vit_jax.data import datasets, pipeline
+from vit_jax.data import datasets, pipeline, transforms
 
 NUM_EVAL = 128
 
@@ -113,13 +114,14 @@ def run_predict(*flags, data_dir, cwd):
                         text=True, timeout=300)
 
 
-def transparent_copy(path, destination):
-  """The grey image as black ink of opacity 255 - grey: white pixels are fully
-  transparent (black underneath), so only compositing onto white gives the image back."""
+def transparent_copy(path, destination) -> np.ndarray:
+  """The grey image as black ink of opacity 255 - grey (white pixels fully transparent);
+  returns the RGBA pixels."""
   grey = np.asarray(Image.open(path))
   rgba = np.zeros((*grey.shape, 4), np.uint8)
   rgba[..., 3] = 255 - grey
   Image.fromarray(rgba, 'RGBA').save(destination)
+  return rgba
 
 
 def test_the_command_on_a_folder_with_a_corrupt_file_and_a_transparent_png(
@@ -130,7 +132,7 @@ def test_the_command_on_a_folder_with_a_corrupt_file_and_a_transparent_png(
   folder.mkdir()
   for path in files[:3]:
     Image.open(path).save(folder / os.path.basename(path))
-  transparent_copy(files[3], folder / 'transparent.png')
+  rgba = transparent_copy(files[3], folder / 'transparent.png')
   (folder / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
   result = run_predict(f'--checkpoint={workdir}', f'--images={folder}', '--top_k=3',
                        data_dir=data_dir, cwd=tmp_path)
@@ -142,10 +144,16 @@ def test_the_command_on_a_folder_with_a_corrupt_file_and_a_transparent_png(
   assert len(skipped) == 1 and 'Skipped 1 unreadable image(s)' in skipped[0]
   assert 'corrupt.png' in skipped[0]
   classifier = vit_jax.load(workdir)
-  # Composited onto white, the transparent PNG is the original image, pixel for pixel.
+  # The transparent PNG is seen composited onto the run's data.transparent_background,
+  # as the evaluation would have seen it in a prepared image folder.
+  background = classifier.preprocess.transform.transparent_background
+  grey_alpha = np.stack([rgba[..., 0], rgba[..., 3]], axis=-1)  # black ink: luma 0
+  flat = transforms.composite(grey_alpha, transforms.BACKGROUNDS[background])
   np.testing.assert_array_equal(classifier.preprocess(str(folder / 'transparent.png')),
-                                classifier.preprocess(files[3]))
-  expected = vit_jax.predict(classifier, files[:4])
+                                classifier.preprocess(flat))
+  if background == 'contrast':  # dark ink goes onto white: the original image, exactly
+    np.testing.assert_array_equal(flat[..., 0], np.asarray(Image.open(files[3])))
+  expected = vit_jax.predict(classifier, files[:3] + [flat])
   for row, logits in zip(table, expected):
     probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     assert row['class_1'] == classifier.class_names[int(np.argmax(logits))] or np.isclose(
@@ -176,6 +184,10 @@ def test_eval_dir_accuracy_equals_the_evaluation(trained, eval_pngs, data_dir, t
   assert len(per_class) == len(set(labels.tolist()))
   with Image.open(tmp_path / 'confusion.png') as figure:
     assert figure.format == 'PNG' and figure.width >= 400
+    size = figure.size
+  # A training workdir also gets it beside its curves, at the checkpoint's step.
+  [image] = tensorboard_events(workdir).Images('predict/confusion_matrix')
+  assert image.step == 6 and (image.width, image.height) == size
 
 
 def test_a_file_checkpoint_with_the_model_name(trained, eval_pngs, tmp_path):
@@ -210,9 +222,23 @@ def test_what_does_not_fit_is_one_line(trained, data_dir, tmp_path):
   assert missing.stderr.strip() == "Error: --images: the glob 'nothing/*.png' matches no file."
 
 
-def test_an_mae_workdir_has_no_classifier(data_dir, tmp_path):
+def test_an_mae_workdir_has_no_classifier_and_its_probe_keeps_batchnorm(data_dir, tmp_path,
+                                                                         eval_pngs):
   config = demo_config('mae_pretrain', data_dir)
   config.reconstructions = 0
-  run_in_process(config, tmp_path)
+  run_in_process(config, tmp_path / 'mae')
   with pytest.raises(ValueError, match='MAE pretraining run, which has no classifier'):
-    vit_jax.load(str(tmp_path))
+    vit_jax.load(str(tmp_path / 'mae'))
+  # A linear probe of it: the head reads BatchNorm statistics, which must come along.
+  probe = demo_config('linear_probe', data_dir, total_steps=3)
+  probe.init.path = str(tmp_path / 'mae')
+  probe.data.eval_split = f'test[:{NUM_EVAL}]'
+  final = run_in_process(probe, tmp_path / 'probe')
+  classifier = vit_jax.load(str(tmp_path / 'probe'))
+  statistics = classifier.variables['batch_stats']
+  assert np.abs(jax.tree.leaves(statistics)[0]).sum() > 0  # trained, not the initial zeros
+  _, files, labels = eval_pngs
+  logits = vit_jax.predict(classifier, files)
+  ordered = np.sort(logits, axis=1)
+  assert (ordered[:, -1] - ordered[:, -2]).min() > 1e-6
+  assert int((logits.argmax(1) == labels).sum()) == round(final['eval/top1'] * NUM_EVAL)

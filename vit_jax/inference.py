@@ -10,8 +10,9 @@ included) and its evaluation preprocessing; a file (.npz, .safetensors, .pth) or
 Orbax folder needs the model's name (`model='ViT-B/16'`; the other sizes are read off
 the arrays) and is preprocessed ImageNet-style: the central 87.5%, ImageNet's mean and
 std for RGB. An image goes exactly the way a stored image of the run's evaluation split
-went: transparent pixels composited onto white and converted to the stored mode (what
-preparing an image folder does), the eval crop and resize, normalisation. So a
+went: converted to the stored mode (what preparing an image folder does), transparent
+pixels composited onto the run's data.transparent_background, the eval crop and resize,
+normalisation. So a
 prediction equals what the evaluation saw for the same pixels.
 
 `python -m vit_jax.predict` is the command line over this module.
@@ -20,6 +21,7 @@ prediction equals what the evaluation saw for the same pixels.
 import dataclasses
 import functools
 import os
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -42,8 +44,9 @@ class Preprocess:
 
   Attributes:
     transform: the run's evaluation transform (crop, resize, normalisation).
-    stored_channels: channels the dataset stored (1 or 3): images are flattened to them
-      first, as preparation did.
+    stored_channels: channels the dataset stored (1 or 3, plus alpha: 2 or 4): images are
+      converted to them first, as preparation did; transparency is composited onto the
+      run's data.transparent_background.
   """
   transform: ImageTransform
   stored_channels: int
@@ -63,11 +66,15 @@ class Preprocess:
     if not isinstance(image, Image.Image):
       raise TypeError(f'Cannot read an image from a {type(image).__name__}: give a path, a '
                       'PIL image or a uint8 array.')
-    array = np.asarray(builders.flatten_image(image, self.stored_channels), np.uint8)
+    channels = self.stored_channels
+    if channels in (1, 3) and builders.has_alpha(image):
+      channels += 1  # composited onto data.transparent_background, as a stored one would be
+    array = np.asarray(builders.to_stored_mode(image, channels), np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
   def __call__(self, image: ImageLike) -> np.ndarray:
-    example = self.transform.example(self.pixels(image), self.stored_channels, None)
+    pixels = self.pixels(image)
+    example = self.transform.example(pixels, pixels.shape[-1], None)
     return self.transform.batch(example[None])[0]
 
 
@@ -144,6 +151,12 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def checkpoint_step(source: str) -> int:
+  """The step of an Orbax source ('orbax:.../checkpoints/STEP/state'), else 0."""
+  match = re.search(r'(?:^|[/:])checkpoints/(\d+)/state$', source)
+  return int(match[1]) if match else 0
 
 
 def _class_names_and_stored_channels(data_config, default_channels: int):

@@ -171,6 +171,7 @@ def main(argv):
     _quiet_hooks()
   from vit_jax import platform  # pylint: disable=import-outside-toplevel
   platform.skip_absent_tpu()
+  platform.hide_notes_that_are_not_problems()
   initialize_distributed()
   from vit_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel
   try:

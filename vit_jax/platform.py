@@ -1,4 +1,5 @@
-"""Which JAX backends a command starts, chosen before JAX starts any.
+"""What a command starts with: JAX's backends, chosen before JAX starts any, and which
+notes of other libraries it shows.
 
 libtpu (requirements-tpu.txt) is installed for the pre-flight, which compiles for TPU
 topologies on a machine without a TPU. Installed, it makes every JAX program try to open
@@ -8,7 +9,13 @@ no problem, so our commands leave the TPU backend out where no TPU chip is attac
 the user has not chosen the platforms (JAX_PLATFORMS, or JAX_FORCE_TPU_INIT).
 """
 
+import logging
 import os
+
+# Warnings of other libraries that point at no problem of the run: TFDS recommends OpenCV
+# for decoding (PIL does it; the pipeline's threads overlap it), and notes that an image
+# folder has a builder configuration of its own (which is how image_folder works).
+NOT_A_PROBLEM = ('OpenCV is not installed', 'Using custom data configuration')
 
 
 def tpu_backend_is_pointless() -> bool:
@@ -40,3 +47,14 @@ def skip_absent_tpu() -> None:
   except (ImportError, AttributeError):
     return
   jax.config.update('jax_platforms', 'cpu')
+
+
+class _NotAProblem(logging.Filter):
+
+  def filter(self, record):
+    return not record.getMessage().startswith(NOT_A_PROBLEM)
+
+
+def hide_notes_that_are_not_problems() -> None:
+  """Drops NOT_A_PROBLEM warnings from absl's log (where TFDS writes them)."""
+  logging.getLogger('absl').addFilter(_NotAProblem())

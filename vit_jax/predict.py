@@ -12,8 +12,9 @@ over every local device. One line per image: CSV on stdout, or --output as CSV o
 (by its extension). Unreadable images are listed on stderr and skipped.
 
 With --eval_dir=ROOT (ROOT/CLASS_NAME/*.png, class names those of the model's dataset or
-of --labels, '/' in a name written '_') it also prints top-1 and top-5 accuracy, overall and per class, and writes
-the confusion matrix as a PNG (--confusion_matrix).
+of --labels, '/' in a name written '_') it also prints top-1 and top-5 accuracy, overall
+and per class, and writes the confusion matrix as a PNG (--confusion_matrix; also to the
+workdir's TensorBoard when --checkpoint is a training workdir).
 
 From Python, use `vit_jax.load` and `vit_jax.predict` (vit_jax/inference.py); importing
 this module would shadow `vit_jax.predict`, the function.
@@ -258,6 +259,13 @@ def run_prediction() -> None:
                                       np.stack([x for _, x in evaluated]), names)
     save_confusion_matrix(confusion, names, _CONFUSION.value)
     print(f'{text}\nConfusion matrix: {_CONFUSION.value}', file=sys.stderr)
+    if classifier.config is not None:  # a training workdir: also beside its curves
+      from vit_jax import metrics  # pylint: disable=import-outside-toplevel
+      step = inference.checkpoint_step(classifier.source)
+      metrics.write_images(_CHECKPOINT.value, step,
+                           {'predict/confusion_matrix': _CONFUSION.value})
+      print(f'TensorBoard: predict/confusion_matrix at step {step} '
+            f'({_CHECKPOINT.value}/tensorboard).', file=sys.stderr)
 
 
 def main(argv):
@@ -267,6 +275,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from vit_jax import data, platform  # pylint: disable=import-outside-toplevel
   platform.skip_absent_tpu()
+  platform.hide_notes_that_are_not_problems()
   try:
     run_prediction()
   except (ValueError, OSError, data.MissingDatasetError) as e:

@@ -65,6 +65,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       # (0.5,)/(0.5,) maps to [-1, 1]; ImageNet statistics are IMAGENET_MEAN/IMAGENET_STD.
       mean=(0.5,),
       std=(0.5,),
+      # What transparent pixels (images with alpha, kept by the image_folder builder) are
+      # composited onto: 'contrast' (black under a light glyph, white under a dark one),
+      # 'white', 'gray' or 'black'. A fixed colour makes glyphs of that colour vanish;
+      # measured in docs/data.md ("Transparent images").
+      transparent_background='contrast',
       # Host threads preparing whole batches (0: one per CPU core, at most 16; JPEG
       # decoding scales with them, while tiny images run fastest with 1 on 2 cores), and
       # host batches kept ready ahead (at least one per thread).

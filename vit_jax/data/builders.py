@@ -178,9 +178,27 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 # Top-level folders with these names hold splits, each with its own class subfolders.
 SPLIT_FOLDER_NAMES = ('train', 'val', 'validation', 'test')
 _GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
-# Transparent pixels are composited onto this colour at preparation (PNG, GIF, WebP with
-# alpha); the colour stored under a transparent pixel is arbitrary, often black.
-BACKGROUND = (255, 255, 255)
+# The PIL mode an image is stored in, by the dataset's channels: transparency is kept as
+# an alpha channel and composited onto data.transparent_background when an image is read
+# (vit_jax/data/transforms.py), so the background is a training choice, not a preparation one.
+STORED_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}
+
+
+def has_alpha(image: Image.Image) -> bool:
+  """Whether an image has transparency (an alpha channel or a transparent palette colour)."""
+  return image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in image.info
+
+
+def to_stored_mode(image: Image.Image, channels: int) -> Image.Image:
+  """Any PIL image in the mode of a dataset of `channels` (STORED_MODES): grayscale becomes
+  RGB and colour becomes luminance as the dataset needs; with 2 or 4 channels, an image
+  without transparency gets an opaque alpha channel, and transparency is never lost."""
+  mode = STORED_MODES[channels]
+  if image.mode == mode:
+    return image
+  if has_alpha(image):
+    image = image.convert('RGBA')  # palette transparency becomes alpha here
+  return image.convert(mode)
 
 
 def image_folder_config_name(source_dir: str) -> str:
@@ -199,7 +217,7 @@ class FolderLayout:
     class_names: sorted class folder names; a label is an index into them.
     files: {split: [(path, label), ...]} in sorted path order.
     channels: 1 if every readable image is grayscale, else 3 (grayscale ones are
-      converted to RGB at preparation).
+      converted to RGB at preparation); one more (alpha) if any image has transparency.
     image_size: (height, width) when every readable image has it, else None.
   """
   class_names: tuple[str, ...]
@@ -236,7 +254,7 @@ def scan_image_folder(source_dir: str) -> FolderLayout:
   if not class_names:
     raise ValueError(f'image_folder: {source_dir!r} has no class subfolders; expected '
                      f'{source_dir}/CLASS_NAME/IMAGE.jpg.')
-  files, modes, sizes = {}, set(), set()
+  files, modes, sizes, transparent = {}, set(), set(), False
   for split, split_dir in split_dirs.items():
     files[split] = []
     for label, class_name in enumerate(class_names):
@@ -246,6 +264,7 @@ def scan_image_folder(source_dir: str) -> FolderLayout:
           with Image.open(path) as image:  # Reads the header only.
             modes.add(image.mode)
             sizes.add((image.height, image.width))
+            transparent = transparent or has_alpha(image)
         except Exception:  # pylint: disable=broad-except
           pass  # Unreadable: skipped, counted and named at generation.
         files[split].append((path, label))
@@ -255,39 +274,26 @@ def scan_image_folder(source_dir: str) -> FolderLayout:
     raise ValueError(f'image_folder: class folder(s) {empty} of {source_dir!r} hold no image '
                      f'file ({", ".join(IMAGE_EXTENSIONS)}); add images to them or remove '
                      'them.')
-  channels = 1 if modes and modes <= set(_GRAYSCALE_MODES) else 3
+  channels = (1 if modes and modes <= set(_GRAYSCALE_MODES) else 3) + int(transparent)
   return FolderLayout(tuple(class_names), files, channels,
                       sizes.pop() if len(sizes) == 1 else None)
 
 
 def encode_for_dataset(path: str, channels: int) -> bytes:
   """The bytes to store for one image file: the file itself when it is a JPEG or PNG of
-  the dataset's mode, else the image converted and re-encoded; transparent pixels are
-  composited onto BACKGROUND (white). Decodes the whole image, so a truncated or corrupt
-  file raises here, at preparation, not in training."""
-  mode = 'L' if channels == 1 else 'RGB'
+  the dataset's mode, else the image converted (`to_stored_mode`) and re-encoded, as PNG
+  when it has alpha. Decodes the whole image, so a truncated or corrupt file raises here,
+  at preparation, not in training."""
   with Image.open(path) as image:
     image.load()
-    if image.format in ('JPEG', 'PNG') and image.mode == mode:
+    if image.format in ('JPEG', 'PNG') and image.mode == STORED_MODES[channels]:
       with open(path, 'rb') as f:
         return f.read()
-    fmt = 'JPEG' if image.format == 'JPEG' else 'PNG'
-    converted = flatten_image(image, channels)
+    fmt = 'JPEG' if image.format == 'JPEG' and channels in (1, 3) else 'PNG'
+    converted = to_stored_mode(image, channels)
   buffer = io.BytesIO()
   converted.save(buffer, format=fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
   return buffer.getvalue()
-
-
-def flatten_image(image: Image.Image, channels: int) -> Image.Image:
-  """Any PIL image -> mode 'L' (channels 1) or 'RGB', transparent pixels composited onto
-  BACKGROUND: what a stored image of a prepared image folder decodes to."""
-  mode = 'L' if channels == 1 else 'RGB'
-  if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-    rgba = image.convert('RGBA')
-    flat = Image.new('RGBA', rgba.size, BACKGROUND + (255,))
-    flat.alpha_composite(rgba)
-    return flat.convert(mode)
-  return image if image.mode == mode else image.convert(mode)
 
 
 @dataclasses.dataclass(eq=False)
@@ -299,15 +305,17 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
   """A folder of images in class subfolders (JPEG, PNG, ...; colour or grayscale).
 
   Files are stored as they are (JPEG/PNG of the dataset's mode) so nothing is lost;
-  transparent pixels are composited onto white; unreadable or corrupt files are skipped
+  transparency is kept as an alpha channel (the dataset then has 2 or 4 channels, and
+  training composites it onto data.transparent_background); unreadable or corrupt files are skipped
   with a warning that counts and names them. When all images share one size, the image
   feature records it, and training can compare it with the model's.
   """
 
   name = 'image_folder'
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Encoded images, class labels and file names.',
-                   '1.1.0': 'Alpha composited onto white; a common image size is recorded.'}
+                   '1.1.0': 'Alpha composited onto white; a common image size is recorded.',
+                   '1.2.0': 'Alpha kept as a channel; the background is chosen at training.'}
 
   def __init__(self, *, source_dir: str, **kwargs):
     source_dir = os.path.abspath(os.path.expanduser(source_dir))

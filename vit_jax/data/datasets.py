@@ -243,7 +243,7 @@ def check_dataset(data_config, info: DatasetInfo, *, image_size: int, channels: 
       raise ValueError(f'data.{key}={split!r} is not a split of {data_config.name!r} '
                        f'({" ".join(str(e).split())}).{fix}') from None
   height, width, stored_channels = info.image_shape
-  if stored_channels == 3 and channels == 1:
+  if stored_channels in (3, 4) and channels == 1:
     raise ValueError(f'{data_config.name!r} holds colour images (3 channels) but the model '
                      'takes channels=1, which would train on them as grayscale; pass '
                      '--config.model.channels=3 (and data.mean/data.std with one value or '

@@ -16,6 +16,10 @@ from PIL import Image
 from vit_jax.data import randaugment
 
 RESAMPLE = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
+# data.transparent_background: the grey level transparent pixels are composited onto;
+# 'contrast': black under a light glyph, white under a dark one (by the mean luminance of
+# the visible pixels), so that no glyph vanishes into its background.
+BACKGROUNDS = {'white': 255, 'gray': 128, 'black': 0, 'contrast': None}
 
 # (left, upper, right, lower) in pixels of the stored image, PIL's order; floats allowed.
 Box = tuple[float, float, float, float]
@@ -56,6 +60,22 @@ def center_crop_box(width: int, height: int, crop_fraction: float) -> Box:
   return (left, top, left + side, top + side)
 
 
+def composite(pixels: np.ndarray, background: Optional[int]) -> np.ndarray:
+  """uint8 (H, W, 2 or 4) with alpha last -> uint8 (H, W, 1 or 3) over a grey background
+  (a level 0-255, or None: black or white, whichever contrasts with the visible pixels)."""
+  colour = pixels[..., :-1].astype(np.float32)
+  alpha = pixels[..., -1:].astype(np.float32) * (1.0 / 255.0)
+  if background is None:
+    if colour.shape[-1] == 3:  # ITU-R 601 luma, as PIL's convert('L')
+      luminance = colour @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+      luminance = colour[..., 0]
+    weight = alpha[..., 0].sum()
+    mean = float((luminance * alpha[..., 0]).sum() / weight) if weight > 0 else 255.0
+    background = 0 if mean >= 127.5 else 255
+  return np.round(colour * alpha + float(background) * (1.0 - alpha)).astype(np.uint8)
+
+
 def crop_resize(pixels: np.ndarray, box_fn: Callable[[int, int], Box], image_size: int,
                 mode: str, resample) -> Image.Image:
   """Cuts box_fn(width, height) out of a stored image and resizes it to a square.
@@ -94,6 +114,9 @@ class ImageTransform:
     interpolation: 'bilinear' or 'bicubic'.
     mean, std: per-channel normalisation of pixel values in [0, 1]; one value or one per
       output channel.
+    transparent_background: 'white', 'gray', 'black' or 'contrast' (see BACKGROUNDS),
+      what transparent pixels (of a dataset stored with alpha) are composited onto,
+      before anything else.
   """
   image_size: int
   channels: int
@@ -107,6 +130,7 @@ class ImageTransform:
   interpolation: str = 'bilinear'
   mean: tuple[float, ...] = (0.5,)
   std: tuple[float, ...] = (0.5,)
+  transparent_background: str = 'contrast'
 
   @classmethod
   def from_config(cls, data_config, *, image_size: int, channels: int, train: bool):
@@ -116,11 +140,15 @@ class ImageTransform:
                randaugment_magnitude=float(data_config.randaugment_magnitude),
                eval_crop_fraction=float(data_config.eval_crop_fraction),
                interpolation=data_config.interpolation,
-               mean=tuple(data_config.mean), std=tuple(data_config.std))
+               mean=tuple(data_config.mean), std=tuple(data_config.std),
+               transparent_background=data_config.transparent_background)
 
   def __post_init__(self):
     if self.channels not in (1, 3):
       raise ValueError(f'channels={self.channels}: the pipeline gives 1 or 3 channels.')
+    if self.transparent_background not in BACKGROUNDS:
+      raise ValueError(f'data.transparent_background={self.transparent_background!r} is not one '
+                       f'of {sorted(BACKGROUNDS)}.')
     if self.interpolation not in RESAMPLE:
       raise ValueError(f'interpolation={self.interpolation!r} is not one of {sorted(RESAMPLE)}.')
     for name in ('mean', 'std'):
@@ -133,17 +161,19 @@ class ImageTransform:
       raise ValueError(f'crop_scale={self.crop_scale} must be 0 < low <= high <= 1.')
 
   def work_channels(self, stored_channels: Optional[int]) -> int:
-    """Channels between decoding and `batch`: grayscale stays one channel (3x less work)
-    and is repeated in `batch` when the model wants 3."""
-    return 1 if self.channels == 1 or stored_channels == 1 else 3
+    """Channels between decoding and `batch`: grayscale (with or without alpha) stays one
+    channel (3x less work) and is repeated in `batch` when the model wants 3."""
+    return 1 if self.channels == 1 or stored_channels in (1, 2) else 3
 
   def example(self, pixels: np.ndarray, stored_channels: Optional[int],
               rng: Optional[np.random.Generator]) -> np.ndarray:
     """One stored uint8 image (H, W, C) -> uint8 (S, S, work_channels(stored_channels)).
 
-    `rng` is needed when `train`.
+    `rng` is needed when `train`. Alpha (C = 2 or 4) is composited away first.
     """
     mode = 'L' if self.work_channels(stored_channels) == 1 else 'RGB'
+    if pixels.ndim == 3 and pixels.shape[-1] in (2, 4):
+      pixels = composite(pixels, BACKGROUNDS[self.transparent_background])
     if self.train:
       box_fn = lambda w, h: random_resized_crop_box(rng, w, h, self.crop_scale, self.crop_ratio)
     else:
