@@ -6,7 +6,7 @@ r"""Starts N JAX processes on this machine, M CPU devices each: a pod launch on 
 Each process gets VIT_JAX_COORDINATOR / VIT_JAX_NUM_PROCESSES / VIT_JAX_PROCESS_ID (read
 by vit_jax.main), JAX_PLATFORMS=cpu and XLA_FLAGS with the device count. Output lines
 are prefixed with the process id. If one process fails, the others are stopped and the
-launcher exits with its code. The launcher prints each child's pid, so a test can send
+launcher exits with its code, its last line saying that the same command resumes. The launcher prints each child's pid, so a test can send
 one of them SIGTERM, as a preemption notice reaches one host of a pod.
 """
 
@@ -83,6 +83,10 @@ def main() -> int:
     if child.returncode and not exit_code:
       exit_code = child.returncode
   time.sleep(0.3)  # let the relay threads print the last lines
+  if exit_code:  # the last line of the log: what happened and what to do
+    print(f'[launch] a process was lost (exit code {exit_code}; negative: killed by that '
+          'signal). Run the same command to resume from the last checkpoint that every '
+          'process completed.', flush=True)
   return exit_code
 
 

@@ -204,3 +204,99 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path, data_dir):
   assert resumed.returncode == 0, resumed.stdout[-3000:]
   assert f'checkpoints/{step}' in resumed.stdout
   assert max(losses(workdir)) == step + 2
+
+
+# ------------------------------------------------- a worker dies, as on a pod (no launcher)
+
+HEARTBEAT_SECONDS = 5
+
+
+def start_processes(workdir, total_steps, data_dir, *, port):
+  """Two processes started on their own, each with the coordinator's address, as a pod's
+  workers are; returns them with the files their output goes to."""
+  main = [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/mae_pretrain.py:demo',
+          f'--workdir={workdir}', *flags(total_steps), '--config.checkpoint_every_steps=2',
+          f'--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}']
+  started = []
+  for process_id in range(2):
+    env = dict(environment(data_dir, 2),
+               XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               VIT_JAX_COORDINATOR=f'localhost:{port}', VIT_JAX_NUM_PROCESSES='2',
+               VIT_JAX_PROCESS_ID=str(process_id))
+    log = open(f'{workdir}.{process_id}.log', 'a+')
+    started.append((subprocess.Popen(main, env=env, cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT), log))
+  return started
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def wait_all(started, timeout=300):
+  for process, log in started:
+    process.wait(timeout=timeout)
+    log.seek(0)
+  return [(process.returncode, log.read()) for process, log in started]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_dir):
+  """Losses of an uninterrupted two-process run of 8 steps."""
+  workdir = tmp_path_factory.mktemp('uninterrupted') / 'run'
+  results = wait_all(start_processes(str(workdir), 8, data_dir, port=free_port()))
+  assert all(code == 0 for code, _ in results), results[0][1][-3000:]
+  return losses(workdir)
+
+
+@pytest.mark.parametrize('killed', [1, 0])  # a worker; the coordinator's process
+def test_a_killed_process_ends_the_other_which_then_resumes_bit_for_bit(
+    tmp_path, data_dir, uninterrupted, killed):
+  workdir = str(tmp_path / 'run')
+  started = start_processes(workdir, 200, data_dir, port=free_port())
+  deadline = time.time() + 180
+  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  # Until step 5: the checkpoints of steps 2 and 4 are written.
+  while not os.path.exists(metrics_file) or max(losses(workdir), default=0) < 5:
+    assert time.time() < deadline and all(p.poll() is None for p, _ in started)
+    time.sleep(0.1)
+  victim, survivor = started[killed][0], started[1 - killed][0]
+  victim.kill()
+  killed_at = time.time()
+  survivor.wait(timeout=HEARTBEAT_SECONDS + 60)
+  seconds = time.time() - killed_at
+  code, log = wait_all(started)[1 - killed]
+  assert code != 0 and seconds < HEARTBEAT_SECONDS + 20, (code, seconds)
+  assert (f'if a process dies, JAX stops the others within about {HEARTBEAT_SECONDS} s' in log)
+  assert 'run the same command on every process' in log
+  print(f'process {killed} killed: process {1 - killed} exited {seconds:.1f} s later')
+
+  # The same command, on both processes, resumes from the last checkpoint both completed
+  # (here to a shorter end; the schedule is constant) and gives the losses of a run that
+  # was never interrupted, bit for bit.
+  results = wait_all(start_processes(workdir, 8, data_dir, port=free_port()))
+  assert all(code == 0 for code, _ in results), results[0][1][-3000:]
+  resumed = re.search(r'Resumed from .*/checkpoints/(\d+)\.', results[0][1])
+  assert resumed and 2 <= int(resumed[1]) <= 6, results[0][1][-2000:]
+  assert losses(workdir) == uninterrupted
+
+
+def test_the_launcher_says_last_that_the_same_command_resumes():
+  # Process 1 is killed (as by the kernel's OOM killer); process 0 would run on.
+  worker = ('import os, signal, time\n'
+            "if os.environ['VIT_JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+            'time.sleep(60)')
+  started = time.time()
+  result = subprocess.run([sys.executable, f'{ROOT}/scripts/launch_local.py', '--num_processes=2',
+                           '--', sys.executable, '-c', worker], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+  assert time.time() - started < 30  # process 0 was stopped, not waited for
+  lines = result.stdout.strip().splitlines()
+  assert 'process 1 failed with exit code -9; stopping the others.' in result.stdout
+  assert lines[-1] == ('[launch] a process was lost (exit code -9; negative: killed by that '
+                       'signal). Run the same command to resume from the last checkpoint that '
+                       'every process completed.')
+  assert result.returncode == 256 - 9

@@ -42,6 +42,14 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes',
 _PROCESS_ID = flags.DEFINE_integer('process_id',
                                    int(os.environ.get('VIT_JAX_PROCESS_ID', -1)),
                                    'This process, 0 .. num_processes - 1.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', int(os.environ.get('VIT_JAX_HEARTBEAT_TIMEOUT', 100)),
+    "Multi-process runs: JAX's coordination service declares a process dead after this "
+    'long without its heartbeat and stops the others (JAX default 100).')
+_SHUTDOWN = flags.DEFINE_integer(
+    'shutdown_timeout_seconds', int(os.environ.get('VIT_JAX_SHUTDOWN_TIMEOUT', 300)),
+    'Multi-process runs: how long a finished process waits at exit for the others '
+    '(JAX default 300).')
 _RESTART = flags.DEFINE_bool('restart_from_scratch', False,
                              'Train from step 0 in a workdir whose checkpoints all fail to '
                              'read back (they are moved to checkpoints_skipped/).')
@@ -62,9 +70,25 @@ def initialize_distributed() -> None:
     # TPU backends ignore this setting.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+                               process_id=_PROCESS_ID.value, **_timeouts())
   elif _is_cluster():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_timeouts())
+  else:
+    return
+  # JAX ends a process whose peer died from C++ (a check failure, then 'Fatal Python
+  # error: Aborted'), which Python cannot intercept: what it means is said here, first.
+  print(f'Process {jax.process_index()} of {jax.process_count()}: if a process dies, JAX '
+        f'stops the others within about {_HEARTBEAT.value} s (--heartbeat_timeout_seconds) '
+        "with 'Fatal Python error: Aborted'; then run the same command on every process to "
+        'resume from the last checkpoint that all of them completed.', flush=True)
+
+
+def _timeouts() -> dict:
+  for flag in (_HEARTBEAT, _SHUTDOWN):
+    if flag.value < 1:
+      raise app.UsageError(f'--{flag.name}={flag.value} must be at least 1.')
+  return dict(heartbeat_timeout_seconds=_HEARTBEAT.value,
+              shutdown_timeout_seconds=_SHUTDOWN.value)
 
 
 def _is_cluster() -> bool:
