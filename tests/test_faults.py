@@ -6,6 +6,7 @@ them. The README's claims about bad input are tested here.
 
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -512,3 +513,30 @@ def test_transparent_icons_train_at_least_as_well_as_before(tmp_path):
     top1[background] = final['eval/top1']
   assert top1['white'] == 0.5  # blank images: one class for all, half of them right
   assert top1[data.default_data_config().transparent_background] >= 0.8, top1
+
+
+@pytest.mark.slow
+def test_the_soak_script_kills_resumes_and_checks(tmp_path):
+  # A short soak: the mechanics (samples, SIGKILL and resume, the checks, the figures).
+  # The 30-minute measurement is in docs/soak.md.
+  workdir = tmp_path / 'soak'
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'soak.py'),
+                           f'--workdir={workdir}', '--minutes=1.2', '--sample_seconds=3',
+                           '--checkpoint_every_steps=20'],
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+                          capture_output=True, text=True, timeout=400)
+  summary = json.loads((workdir / 'soak.json').read_text())
+  assert summary['exit_code_after_sigterm'] == 0, result.stdout[-2000:]
+  assert sorted(summary['processes']) == ['process 1', 'process 2']  # killed, then resumed
+  assert 'Resumed from' in (workdir / 'soak_log.txt').read_text()
+  assert summary['duplicates'] == 0 and summary['gaps'] == 0
+  # Every 10th step, and the step the final SIGTERM saved at.
+  last = summary['last_step']
+  assert summary['logged_steps'] == last // 10 + (last % 10 > 0) > 1
+  assert summary['checkpoints_max'] <= 4
+  assert (workdir / 'soak.png').stat().st_size > 10_000
+  rows = (workdir / 'soak.csv').read_text().splitlines()
+  assert rows[0] == 'seconds,process,rss_mib,open_files,checkpoints,workdir_mib,last_step'
+  assert len(rows) > 10
+  # Exit status 1 exactly when a check failed (a minute is too short for the memory one).
+  assert result.returncode == (1 if summary['failures'] else 0), result.stdout[-2000:]

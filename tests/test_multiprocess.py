@@ -211,12 +211,17 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path, data_dir):
 HEARTBEAT_SECONDS = 5
 
 
-def start_processes(workdir, total_steps, data_dir, *, port):
+# Evaluations long enough to be killed in: the 2,000 test images, 32 at a time.
+LONG_EVALUATIONS = ('--config.eval_every_steps=5', '--config.data.eval_split=test',
+                    '--config.eval_batch_size=32')
+
+
+def start_processes(workdir, total_steps, data_dir, *, port, extra=()):
   """Two processes started on their own, each with the coordinator's address, as a pod's
   workers are; returns them with the files their output goes to."""
   main = [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/mae_pretrain.py:demo',
           f'--workdir={workdir}', *flags(total_steps), '--config.checkpoint_every_steps=2',
-          f'--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}']
+          f'--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}', *extra]
   started = []
   for process_id in range(2):
     env = dict(environment(data_dir, 2),
@@ -252,11 +257,14 @@ def uninterrupted(tmp_path_factory, data_dir):
   return losses(workdir)
 
 
-@pytest.mark.parametrize('killed', [1, 0])  # a worker; the coordinator's process
+@pytest.mark.parametrize('killed, during', [(1, 'training'), (0, 'training'),
+                                            (1, 'an evaluation')])
 def test_a_killed_process_ends_the_other_which_then_resumes_bit_for_bit(
-    tmp_path, data_dir, uninterrupted, killed):
+    tmp_path, data_dir, uninterrupted, killed, during):
+  # Process 0 also runs JAX's coordination service: losing it is the other case.
   workdir = str(tmp_path / 'run')
-  started = start_processes(workdir, 200, data_dir, port=free_port())
+  extra = LONG_EVALUATIONS if during == 'an evaluation' else ()
+  started = start_processes(workdir, 200, data_dir, port=free_port(), extra=extra)
   deadline = time.time() + 180
   metrics_file = os.path.join(workdir, 'metrics.jsonl')
   # Until step 5: the checkpoints of steps 2 and 4 are written.
@@ -266,18 +274,21 @@ def test_a_killed_process_ends_the_other_which_then_resumes_bit_for_bit(
   victim, survivor = started[killed][0], started[1 - killed][0]
   victim.kill()
   killed_at = time.time()
+  if during == 'an evaluation':  # step 5's row is written just before its evaluation
+    assert not [r for r in eval_rows(workdir) if r['step'] == 5], 'the evaluation had ended'
   survivor.wait(timeout=HEARTBEAT_SECONDS + 60)
   seconds = time.time() - killed_at
   code, log = wait_all(started)[1 - killed]
   assert code != 0 and seconds < HEARTBEAT_SECONDS + 20, (code, seconds)
   assert (f'if a process dies, JAX stops the others within about {HEARTBEAT_SECONDS} s' in log)
   assert 'run the same command on every process' in log
-  print(f'process {killed} killed: process {1 - killed} exited {seconds:.1f} s later')
+  print(f'process {killed} killed during {during}: process {1 - killed} exited '
+        f'{seconds:.1f} s later')
 
   # The same command, on both processes, resumes from the last checkpoint both completed
   # (here to a shorter end; the schedule is constant) and gives the losses of a run that
   # was never interrupted, bit for bit.
-  results = wait_all(start_processes(workdir, 8, data_dir, port=free_port()))
+  results = wait_all(start_processes(workdir, 8, data_dir, port=free_port(), extra=extra))
   assert all(code == 0 for code, _ in results), results[0][1][-3000:]
   resumed = re.search(r'Resumed from .*/checkpoints/(\d+)\.', results[0][1])
   assert resumed and 2 <= int(resumed[1]) <= 6, results[0][1][-2000:]
