@@ -63,7 +63,7 @@ def eval_pngs(tmp_path_factory, trained):
 
 
 def evaluation_batch(config, model):
-  """The evaluation pipeline's images of the split, in order, and their logits."""
+  """The evaluation pipeline's batch of the whole split, in order (one host batch)."""
   batch = pipeline.eval_batches(config.data, local_batch_size=NUM_EVAL,
                                 image_size=model.image_size, channels=model.channels,
                                 split=config.data.eval_split, process_index=0,
@@ -242,3 +242,16 @@ def test_an_mae_workdir_has_no_classifier_and_its_probe_keeps_batchnorm(data_dir
   ordered = np.sort(logits, axis=1)
   assert (ordered[:, -1] - ordered[:, -2]).min() > 1e-6
   assert int((logits.argmax(1) == labels).sum()) == round(final['eval/top1'] * NUM_EVAL)
+
+
+def test_a_workdir_older_than_a_data_key_reads_as_it_ran(trained, tmp_path):
+  workdir, _, _ = trained
+  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  assert train.load_config_json(workdir).data.transparent_background == 'contrast'
+  stored = json.loads(open(os.path.join(workdir, 'config.json')).read())
+  del stored['data']['transparent_background']  # written before the key existed
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  older = train.load_config_json(str(tmp_path))
+  assert older.data.transparent_background == 'white'  # what image_folder 1.1.0 did
+  assert older.data.to_dict() | {'transparent_background': 'contrast'} == (
+      train.load_config_json(workdir).data.to_dict())

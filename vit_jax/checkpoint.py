@@ -28,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from vit_jax import interop
+from vit_jax import interop, platform
 
 SKIPPED_DIR = 'checkpoints_skipped'
 
@@ -238,17 +238,12 @@ def _find_state_dir(path: str) -> str:
                    'folder, a step folder or a folder written by scripts/convert_checkpoint.py).')
 
 
-class _ItemFolderNotes(logging.Filter):
-  """Drops Orbax's 'Metadata file does not exist' warning for an item folder (state/)
-  read on its own: a step's metadata file lives one level up, so it is not missing."""
-
-  def filter(self, record):
-    return not record.getMessage().startswith('Metadata file does not exist')
-
-
 @contextlib.contextmanager
 def _quiet_item_metadata():
-  note_filter, logger = _ItemFolderNotes(), logging.getLogger('absl')
+  """Drops Orbax's 'Metadata file does not exist' warning for an item folder (state/)
+  read on its own: a step's metadata file lives one level up, so it is not missing."""
+  note_filter = platform.DropMessages(('Metadata file does not exist',))
+  logger = logging.getLogger('absl')
   logger.addFilter(note_filter)
   try:
     yield

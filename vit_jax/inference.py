@@ -12,8 +12,7 @@ the arrays) and is preprocessed ImageNet-style: the central 87.5%, ImageNet's me
 std for RGB. An image goes exactly the way a stored image of the run's evaluation split
 went: converted to the stored mode (what preparing an image folder does), transparent
 pixels composited onto the run's data.transparent_background, the eval crop and resize,
-normalisation. So a
-prediction equals what the evaluation saw for the same pixels.
+normalisation. So a prediction equals what the evaluation saw for the same pixels.
 
 `python -m vit_jax.predict` is the command line over this module.
 """
@@ -22,7 +21,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -145,7 +144,9 @@ def predict(classifier: Classifier, images, *, batch_size: int = 256) -> np.ndar
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """(indices (N, k) by falling probability, probabilities (N, k)) of logits (N, classes)."""
-  probabilities = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
+  logits = np.asarray(logits, np.float64)
+  exponentials = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  probabilities = exponentials / exponentials.sum(axis=-1, keepdims=True)
   indices = np.argsort(-probabilities, axis=-1, kind='stable')[:, :k]
   return indices, np.take_along_axis(probabilities, indices, axis=-1)
 

@@ -49,12 +49,17 @@ def skip_absent_tpu() -> None:
   jax.config.update('jax_platforms', 'cpu')
 
 
-class _NotAProblem(logging.Filter):
+class DropMessages(logging.Filter):
+  """Drops log records whose message starts with one of `prefixes`."""
+
+  def __init__(self, prefixes: tuple[str, ...]):
+    super().__init__()
+    self.prefixes = tuple(prefixes)
 
   def filter(self, record):
-    return not record.getMessage().startswith(NOT_A_PROBLEM)
+    return not record.getMessage().startswith(self.prefixes)
 
 
 def hide_notes_that_are_not_problems() -> None:
   """Drops NOT_A_PROBLEM warnings from absl's log (where TFDS writes them)."""
-  logging.getLogger('absl').addFilter(_NotAProblem())
+  logging.getLogger('absl').addFilter(DropMessages(NOT_A_PROBLEM))

@@ -20,9 +20,9 @@ From Python, use `vit_jax.load` and `vit_jax.predict` (vit_jax/inference.py); im
 this module would shadow `vit_jax.predict`, the function.
 """
 
+import contextlib
 import csv
 import glob
-import io
 import json
 import os
 import sys
@@ -138,14 +138,16 @@ def predict_files(classifier, files, batch_size: int, progress: bool):
 def rows(predictions, labels, classifier, k: int):
   """One dict per readable image: image, (label,) top-k classes and probabilities."""
   from vit_jax import inference  # pylint: disable=import-outside-toplevel
-  for path, logits in predictions:
-    indices, probabilities = inference.top_k(logits[None], k)
+  if not predictions:
+    return
+  paths = [path for path, _ in predictions]
+  indices, probabilities = inference.top_k(np.stack([x for _, x in predictions]), k)
+  for path, top, chances in zip(paths, indices, probabilities):
     row = {'image': path}
     if labels is not None:
       row['label'] = classifier.label(labels[path])
     row['top_k'] = [{'class': classifier.label(int(i)), 'index': int(i),
-                     'probability': round(float(p), 6)}
-                    for i, p in zip(indices[0], probabilities[0])]
+                     'probability': round(float(p), 6)} for i, p in zip(top, chances)]
     yield row
 
 
@@ -241,11 +243,9 @@ def run_prediction() -> None:
       skipped.append(f'{path} ({error})')
     else:
       predicted.append((path, logits))
-  stream = open(_OUTPUT.value, 'w', newline='') if _OUTPUT.value else io.StringIO()
-  with stream:
+  with (open(_OUTPUT.value, 'w', newline='') if _OUTPUT.value
+        else contextlib.nullcontext(sys.stdout)) as stream:
     write_rows(rows(predicted, labels, classifier, k), stream, fmt, k, labels is not None)
-    if not _OUTPUT.value:
-      sys.stdout.write(stream.getvalue())
   if _OUTPUT.value:
     print(f'Wrote {len(predicted)} prediction(s) to {_OUTPUT.value}.', file=sys.stderr)
   if skipped:

@@ -401,5 +401,19 @@ def load_initial_params(config, model, state, steps: Steps, initial, log):
   return jax.jit(steps.make_state, out_shardings=steps.state_shardings)(variables)
 
 
+# Data keys added after runs were written, with what those runs did: image_folder 1.1.0
+# composited transparent pixels onto white at preparation.
+DATA_KEYS_OF_OLDER_RUNS = {'transparent_background': 'white'}
+
+
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / 'config.json').read_text()))
+  """A workdir's config.json; data keys it predates get DATA_KEYS_OF_OLDER_RUNS' values,
+  else their defaults, so that tools read a run of any age as it ran."""
+  config = ml_collections.ConfigDict(
+      json.loads((epath.Path(workdir) / 'config.json').read_text()))
+  if 'data' in config:
+    stored = config.data.to_dict()
+    config.data = data.default_data_config()
+    config.data.update({k: v for k, v in DATA_KEYS_OF_OLDER_RUNS.items() if k not in stored})
+    config.data.update(stored)
+  return config
