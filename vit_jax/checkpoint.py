@@ -31,11 +31,18 @@ from orbax.checkpoint import checkpoint_managers
 from vit_jax import interop, platform
 
 SKIPPED_DIR = 'checkpoints_skipped'
+COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a finished save in a bucket
 
 
 class CheckpointFailure(RuntimeError):
   """A checkpoint cannot be written, or none can be read back; the message is one line
   that says what to do."""
+
+
+class WorkdirFailure(CheckpointFailure):
+  """Another file of the workdir (metrics, TensorBoard) could not be written. A save may
+  still be in flight, retrying against a bucket that has gone away: the process should
+  exit at once (os._exit), without waiting for it."""
 
 
 def _reason(error: BaseException) -> str:
@@ -63,6 +70,7 @@ class Checkpointer:
                                          options=options)
     self._pending = None  # step of a save not yet known to have succeeded
     self._failed = False  # a failed save was reported
+    self._abandoned = False  # the workdir failed: close() waits for nothing
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -70,9 +78,10 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict) -> None:
     """Starts an asynchronous save of `state` and `data_state` at `step`.
 
-    Raises CheckpointFailure if the previous save failed."""
+    Raises CheckpointFailure if the previous save failed, or this one cannot start."""
     self._surface_failure(self.manager.save, step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True,
+                          failing_step=step)
     self._pending = step
 
   def check(self) -> None:
@@ -89,8 +98,27 @@ class Checkpointer:
     self._surface_failure(self.manager.wait_until_finished)
     self._pending = None
 
+  def stop_for(self, error: BaseException) -> WorkdirFailure:
+    """The error that ends a run whose workdir could not be written (`error`, one line
+    that names the file); close() then waits for nothing."""
+    self._failed = self._abandoned = True
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      try:  # ended: learn whether it succeeded (this does not wait)
+        self.manager.wait_until_finished()
+        self._pending = None
+      except Exception:  # pylint: disable=broad-except
+        pass
+    # Not listed again: a bucket that has gone away would take gcsfs's retries to answer.
+    # A save still in flight, or one that failed, is not a good checkpoint.
+    good = [s for s in self.manager.all_steps() if s != self._pending]
+    return WorkdirFailure(f'{error}; the workdir {self.workdir} cannot be written. '
+                          f'Stopped: nothing after this is saved. '
+                          + resume_advice(self.workdir, good))
+
   def close(self) -> None:
     """Waits for the last save; after a failure already reported, only releases Orbax."""
+    if self._abandoned:
+      return
     try:
       if not self._failed:
         self.wait()
@@ -101,23 +129,21 @@ class Checkpointer:
         if not self._failed:
           raise
 
-  def _surface_failure(self, call, *args, **kwargs):
+  def _surface_failure(self, call, *args, failing_step=None, **kwargs):
     try:
       return call(*args, **kwargs)
     except Exception as e:  # pylint: disable=broad-except
-      if self._pending is None:
+      step = self._pending if self._pending is not None else failing_step
+      if step is None:
         raise
-      step, self._pending, self._failed = self._pending, None, True
-      self.manager.reload()
-      good = self.manager.all_steps()
+      self._pending, self._failed = None, True
+      if not is_remote(self.workdir):  # (a bucket that has gone away would not answer)
+        self.manager.reload()
+      good = [s for s in self.manager.all_steps() if s != step]  # it may list the failed one
       raise CheckpointFailure(
           f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); '
-          f'{_free_space(self.workdir)} free in the workdir {self.workdir}. Stopped: '
-          'nothing after this is saved. ' + (
-              f'The last good checkpoint is step {max(good)}; free space (or move the '
-              'workdir) and run the same command to resume from it.' if good else
-              'No checkpoint of this run was saved; free space (or move the workdir) and '
-              'run the same command to start it again.')) from None
+          f'{_free_space(self.workdir)}. Stopped: nothing after this is saved. '
+          + resume_advice(self.workdir, good)) from None
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).
@@ -138,7 +164,7 @@ class Checkpointer:
     """
     for name in self.unfinished:
       log(f'Warning: skipped {self.directory}/{name}: a save that never finished '
-          '(the process died while writing it); Orbax removes it.')
+          '(the process died, or lost the workdir, while writing it); Orbax removes it.')
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -199,19 +225,44 @@ def _all_processes_succeeded(ok: bool) -> bool:
 
 
 def _unfinished_saves(directory: str) -> list[str]:
-  """Names of temporary step folders that Orbax left behind (a save cut short)."""
+  """Names of step folders that Orbax left unfinished (a save cut short): on local disk a
+  temporary folder renamed when the save ends; in a bucket, where a rename copies every
+  object, the step folder itself, finished by a commit_success.txt written last."""
   path = epath.Path(directory)
   if not path.is_dir():
     return []
-  names = [p.name for p in path.iterdir() if re.fullmatch(r'\d+\.orbax-checkpoint-tmp.*', p.name)]
+  if is_remote(directory):
+    names = [p.name for p in path.iterdir()
+             if p.name.isdigit() and not (p / COMMIT_FILE).exists()]
+  else:
+    names = [p.name for p in path.iterdir()
+             if re.fullmatch(r'\d+\.orbax-checkpoint-tmp.*', p.name)]
   return sorted(names, key=lambda n: int(n.split('.')[0]))
 
 
 def _free_space(path: str) -> str:
+  if is_remote(path):
+    return (f'the workdir {path} cannot be written (check that the bucket answers, and the '
+            'credentials)')
   try:
-    return f'{shutil.disk_usage(path).free / 2**20:.1f} MiB'
-  except OSError:  # not a local file system (gs://)
-    return 'unknown space'
+    return f'{shutil.disk_usage(path).free / 2**20:.1f} MiB free in the workdir {path}'
+  except OSError:
+    return f'unknown space free in the workdir {path}'
+
+
+def resume_advice(workdir: str, good_steps) -> str:
+  """What to do after the workdir could not be written: which checkpoint a rerun of the
+  same command resumes from, once the disk has space or the bucket answers again."""
+  fix = ('once the bucket can be written again' if is_remote(workdir) else
+         'free space (or move the workdir) and')
+  if good_steps:
+    return (f'The last good checkpoint is step {max(good_steps)}; {fix} run the same command '
+            'to resume from it.')
+  return f'No checkpoint of this run was saved; {fix} run the same command to start it again.'
+
+
+def is_remote(path: str) -> bool:
+  return '://' in str(path)
 
 
 def _absolute(path: str) -> str:

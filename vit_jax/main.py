@@ -157,12 +157,13 @@ def parse_flags(argv):
 
 class _ReportedElsewhere(std_logging.Filter):
   """Drops the tracebacks that Orbax and asyncio log for each failed write of a failed
-  save or restore (hundreds of lines for one full disk): vit_jax.checkpoint reports the
-  failure in one line, and --verbosity=0 shows them all."""
+  save or restore (hundreds of lines for one full disk), and gcsfs for a request out of
+  retries: the run reports the failure in one line, and --verbosity=0 shows them all."""
 
   def filter(self, record):
     return not (record.levelno >= std_logging.ERROR
-                and (record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname))
+                and (record.name in ('asyncio', 'gcsfs')
+                     or f'{os.sep}orbax{os.sep}' in record.pathname))
 
 
 def _is_closed_loop_error(error) -> bool:
@@ -205,6 +206,12 @@ def main(argv):
           checkpoint.CheckpointFailure) as e:
     # Bad input is reported in one line, without a traceback through JAX internals.
     print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
+    if isinstance(e, checkpoint.WorkdirFailure):
+      # A save in flight may still be retrying against the workdir (minutes for a bucket
+      # that has gone away); nothing more can be written, so nothing is waited for.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
     sys.exit(1)
 
 

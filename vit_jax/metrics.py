@@ -6,8 +6,10 @@ restored checkpoint (logged by the interrupted run) are dropped, so the file rea
 one uninterrupted run.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -163,8 +165,62 @@ def step_flops(compiled, model, objective: str, global_batch_size: int, *,
   return compiled_flops(compiled) * num_devices, "XLA's count of the compiled step"
 
 
+class WorkdirUnwritable(OSError):
+  """A file of the workdir could not be written, after the storage library's retries."""
+
+  def __init__(self, path, error: BaseException):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    self.path = str(path)
+    self.reason = f'{type(error).__name__}: {lines[0][:300] if lines else "(no message)"}'
+    super().__init__(f'Writing {self.path} failed ({self.reason})')
+
+
+class TensorBoard:
+  """tensorboardX's SummaryWriter into workdir/tensorboard.
+
+  For a bucket (gs://) the events are written to local disk and the event file is copied
+  to the bucket at each flush through etils.epath (gcsfs), as tensorboardX's own bucket
+  writer re-uploads its whole buffer at each flush. So every file of a run but the
+  checkpoints goes through one library and one retry policy (gcsfs's), and a bucket that
+  has gone away fails the flush in this thread, where the run reports it in one line,
+  instead of in tensorboardX's writer thread and its exit handler (which retried for
+  minutes there)."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.remote = epath.Path(workdir) / 'tensorboard' if _is_remote(workdir) else None
+    self.local = (tempfile.mkdtemp(prefix='vit_jax_tensorboard') if self.remote
+                  else os.path.join(workdir, 'tensorboard'))
+    self.writer = SummaryWriter(self.local)
+
+  def flush(self) -> None:
+    self.writer.flush()
+    if self.remote is None:
+      return
+    for name in os.listdir(self.local):
+      path = os.path.join(self.local, name)
+      if os.path.isfile(path):
+        with open(path, 'rb') as f:
+          contents = f.read()
+        try:
+          (self.remote / name).write_bytes(contents)
+        except Exception as e:  # pylint: disable=broad-except
+          raise WorkdirUnwritable(self.remote / name, e) from e
+
+  def close(self, *, upload: bool = True) -> None:
+    """Flushes and closes; `upload=False` after the workdir failed (nothing is sent)."""
+    self.writer.close()
+    if self.remote is not None:
+      if upload:
+        self.flush()
+      shutil.rmtree(self.local, ignore_errors=True)
+
+
 class MetricWriter:
-  """Writes scalars to metrics.jsonl and TensorBoard (process 0 only)."""
+  """Writes scalars to metrics.jsonl and TensorBoard (process 0 only).
+
+  A write that fails (a full disk, a bucket that stays unreachable after gcsfs's retries)
+  raises WorkdirUnwritable; after it, closing writes nothing more."""
 
   def __init__(self, workdir: str, *, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
@@ -172,6 +228,7 @@ class MetricWriter:
     # Buckets (gs://) cannot append: the lines are kept and the file rewritten.
     self.lines = [] if _is_remote(workdir) else None
     self.tensorboard = None
+    self.failed = False
     if not self.enabled:
       return
     if resume_step is not None and self.path.exists():
@@ -180,34 +237,50 @@ class MetricWriter:
       self.path.write_text(''.join(kept))
       if self.lines is not None:
         self.lines = kept
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tensorboard = TensorBoard(workdir)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     line = json.dumps({'step': int(step), **scalars}) + '\n'
-    if self.lines is None:
-      with self.path.open('a') as f:
-        f.write(line)
-    else:
-      self.lines.append(line)
-      self.path.write_text(''.join(self.lines))
+    with self._reporting(self.path):
+      if self.lines is None:
+        with self.path.open('a') as f:
+          f.write(line)
+      else:
+        self.lines.append(line)
+        self.path.write_text(''.join(self.lines))
     for name, value in scalars.items():
-      self.tensorboard.add_scalar(name, value, step)
-    self.tensorboard.flush()
+      self.tensorboard.writer.add_scalar(name, value, step)
+    with self._reporting(self.tensorboard.local):
+      self.tensorboard.flush()
 
   def write_image(self, step: int, name: str, image) -> None:
     """An image for TensorBoard's Images tab: uint8 (H, W, 3), or a PNG file's path."""
     if not self.enabled:
       return
-    self.tensorboard.add_image(name, image_array(image), int(step), dataformats='HWC')
-    self.tensorboard.flush()
+    self.tensorboard.writer.add_image(name, image_array(image), int(step), dataformats='HWC')
+    with self._reporting(self.tensorboard.local):
+      self.tensorboard.flush()
 
-  def close(self) -> None:
+  @contextlib.contextmanager
+  def _reporting(self, path):
+    try:
+      yield
+    except WorkdirUnwritable:
+      self.failed = True
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      self.failed = True
+      raise WorkdirUnwritable(path, e) from e
+
+  def close(self, *, upload: bool = True) -> None:
+    """Closes TensorBoard's writer; `upload=False`: sends nothing more to a bucket."""
     if self.tensorboard is not None:
-      self.tensorboard.close()
+      tensorboard, self.tensorboard = self.tensorboard, None
+      with self._reporting(tensorboard.local):
+        tensorboard.close(upload=upload and not self.failed)
 
 
 def image_array(image) -> np.ndarray:
@@ -223,10 +296,10 @@ def image_array(image) -> np.ndarray:
 def write_images(workdir: str, step: int, images: dict) -> None:
   """Adds {name: image} to workdir/tensorboard at `step`, outside a training run (the
   analyses, predictions): TensorBoard shows them beside the run's own."""
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  with SummaryWriter(os.path.join(workdir, 'tensorboard')) as tensorboard:
-    for name, image in images.items():
-      tensorboard.add_image(name, image_array(image), int(step), dataformats='HWC')
+  tensorboard = TensorBoard(workdir)
+  for name, image in images.items():
+    tensorboard.writer.add_image(name, image_array(image), int(step), dataformats='HWC')
+  tensorboard.close()
 
 
 def _step_of(line: str) -> int | None:

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -362,11 +363,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     note = objective.finish(model, mesh, state, workdir, writer)
     if note:
       progress.print(note)
+  except metrics.WorkdirUnwritable as e:
+    raise checkpoints.stop_for(e) from None
   finally:
+    failing = sys.exc_info()[1] is not None
     profiler.close()
     preemption.close()
     checkpoints.close()
-    writer.close()
+    try:  # after an error nothing more is sent: the workdir may be what failed
+      writer.close(upload=not failing)
+    except metrics.WorkdirUnwritable as e:
+      raise checkpoints.stop_for(e) from None
   return final | {'step': step}
 
 
