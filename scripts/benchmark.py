@@ -52,6 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from vit_jax import metrics, models, sharding  # noqa: E402
+from vit_jax import platform as platform_lib  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +398,7 @@ def main(argv):
   preset = PRESETS.get(FLAGS.preset, {})
   steps = FLAGS.steps if FLAGS['steps'].present or not preset else preset['steps']
   warmup = FLAGS.warmup if FLAGS['warmup'].present or not preset else preset['warmup']
+  platform_lib.use_every_cpu_core()  # as vit_jax.main does
   on_cpu = jax.devices()[0].platform == 'cpu'
   wait_idle = FLAGS.wait_idle if FLAGS['wait_idle'].present else bool(preset) and on_cpu
   if not FLAGS['verbosity'].present:

@@ -65,6 +65,65 @@ def test_batch_normalisation_and_channel_repetition():
   np.testing.assert_allclose(out[0, 0, 1], [1.0, 3.0, 1.0])
 
 
+def erased_box(before: np.ndarray, after: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(top, left, height, width) of the pixels that changed, which must form one rectangle."""
+  changed = np.any(before != after, axis=-1)
+  if not changed.any():
+    return None
+  rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+  top, left = rows[0], cols[0]
+  height, width = rows[-1] - top + 1, cols[-1] - left + 1
+  assert changed[top:top + height, left:left + width].all()  # all of it, nothing outside
+  assert changed.sum() == height * width
+  return top, left, height, width
+
+
+def test_random_erasing_replaces_one_rectangle_with_normal_noise():
+  rng = np.random.default_rng(0)
+  before = np.full((64, 48, 3), 5.0, np.float32)  # far from the noise: every pixel changes
+  areas, aspects, noise, erased = [], [], [], 0
+  for _ in range(3000):
+    image = before.copy()
+    transforms.random_erase(image, rng, 0.25)
+    box = erased_box(before, image)
+    if box is None:
+      continue
+    erased += 1
+    top, left, height, width = box
+    areas.append(height * width / (64 * 48))
+    aspects.append(height / width)
+    noise.append(image[top:top + height, left:left + width].ravel())
+  # A quarter of the images (binomial sd 0.008), one rectangle each.
+  assert abs(erased / 3000 - 0.25) < 0.03
+  # Area within (0.02, 1/3) of the image, ratio within (0.3, 3.3), up to rounding to pixels.
+  assert 0.015 < min(areas) < 0.03 and 0.28 < max(areas) < 0.36
+  assert 0.25 < min(aspects) < 0.4 and 2.6 < max(aspects) < 3.9
+  noise = np.concatenate(noise)
+  assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01  # standard normal
+  # Probability 1 always erases, 0 never; a seed gives the same rectangle.
+  for probability, expected in ((1.0, True), (0.0, False)):
+    image = before.copy()
+    transforms.random_erase(image, np.random.default_rng(1), probability)
+    assert (erased_box(before, image) is not None) == expected
+  twice = [before.copy(), before.copy()]
+  for image in twice:
+    transforms.random_erase(image, np.random.default_rng(7), 1.0)
+  np.testing.assert_array_equal(twice[0], twice[1])
+
+
+def test_random_erasing_applies_to_training_batches_only():
+  kwargs = dict(image_size=16, channels=3, random_erasing=1.0, flip=False)
+  image = np.full((16, 16, 3), 3.0, np.float32)
+  train = transforms.ImageTransform(train=True, **kwargs)
+  erased = image.copy()
+  train.erase(erased, np.random.default_rng(0))
+  assert erased_box(image, erased) is not None
+  evaluation = transforms.ImageTransform(train=False, **kwargs)
+  kept = image.copy()
+  evaluation.erase(kept, None)
+  np.testing.assert_array_equal(kept, image)
+
+
 def test_train_transform_flips_and_is_deterministic_given_rng():
   pixels = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 1, 1))
   transform = transforms.ImageTransform(image_size=16, channels=1, train=True,
@@ -78,7 +137,7 @@ def test_train_transform_flips_and_is_deterministic_given_rng():
 
 @pytest.mark.parametrize('field, value', [
     ('channels', 2), ('interpolation', 'nearest'), ('mean', (0.1, 0.2)),
-    ('eval_crop_fraction', 0.0), ('crop_scale', (0.5, 0.2))])
+    ('eval_crop_fraction', 0.0), ('crop_scale', (0.5, 0.2)), ('random_erasing', 1.5)])
 def test_transform_refuses_bad_settings(field, value):
   kwargs = dict(image_size=8, channels=3, train=True)
   kwargs[field] = value

@@ -196,6 +196,7 @@ def main(argv):
     _quiet_hooks()
   from vit_jax import platform  # pylint: disable=import-outside-toplevel
   platform.skip_absent_tpu()
+  platform.use_every_cpu_core()
   platform.hide_notes_that_are_not_problems()
   initialize_distributed()
   from vit_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel

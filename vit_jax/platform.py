@@ -49,6 +49,38 @@ def skip_absent_tpu() -> None:
   jax.config.update('jax_platforms', 'cpu')
 
 
+def cpu_device_count(cores: int) -> int:
+  """JAX CPU devices for `cores` cores: the largest power of two not above it, so that
+  the configs' batch sizes (powers of two) divide among them."""
+  return 1 << (max(cores, 1).bit_length() - 1)
+
+
+def use_every_cpu_core() -> int | None:
+  """One JAX CPU device per core (cpu_device_count), unless the user chose a count
+  (JAX_NUM_CPU_DEVICES, or XLA_FLAGS' --xla_force_host_platform_device_count) or JAX's
+  backends have started. Returns the count set, or None.
+
+  JAX gives the CPU one device by default, and one device's step does not use two cores
+  fully: on a 2-core machine two devices ran the step 1.18-1.40 times faster (MAE
+  pretraining 587 -> 821 images/s, fine-tuning 289 -> 344, the same losses). Only the CPU
+  backend is changed: on a GPU or TPU host the accelerator stays the default backend."""
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_num_cpu_devices != -1:
+    return None
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if xla_bridge.backends_are_initialized():
+      return None
+  except (ImportError, AttributeError):
+    return None
+  count = cpu_device_count(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                           else os.cpu_count() or 1)
+  jax.config.update('jax_num_cpu_devices', count)
+  return count
+
+
 class DropMessages(logging.Filter):
   """Drops log records whose message starts with one of `prefixes`."""
 

@@ -275,6 +275,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from vit_jax import data, platform  # pylint: disable=import-outside-toplevel
   platform.skip_absent_tpu()
+  platform.use_every_cpu_core()
   platform.hide_notes_that_are_not_problems()
   try:
     run_prediction()

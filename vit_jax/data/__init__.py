@@ -56,6 +56,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # RandAugment: layers per image (0 = off) and magnitude in [0, 10].
       randaugment_layers=0,
       randaugment_magnitude=9.0,
+      # Random erasing: probability that a rectangle of a training image becomes noise
+      # (after normalisation; 0 = off; the MAE fine-tuning recipe: 0.25).
+      random_erasing=0.0,
       # Evaluation keeps the central crop_fraction of the shorter side, i.e. resizes to
       # image_size / fraction and cuts the centre: 0.875 ImageNet style, 1.0 whole image.
       eval_crop_fraction=0.875,

@@ -78,7 +78,11 @@ class _BatchLoader:
                                              self._stored_channels,
                                              None if rngs is None else rngs[slot])
       labels[slot] = int(example[self._split.label_key])
-    return {'image': self._transform.batch(images), 'label': labels, 'index': indices,
+    normalised = self._transform.batch(images)
+    if rngs is not None:
+      for slot in np.flatnonzero(is_real):
+        self._transform.erase(normalised[slot], rngs[slot])
+    return {'image': normalised, 'label': labels, 'index': indices,
             'mask': is_real.astype(np.float32)}
 
 

@@ -76,6 +76,29 @@ def composite(pixels: np.ndarray, background: Optional[int]) -> np.ndarray:
   return np.round(colour * alpha + float(background) * (1.0 - alpha)).astype(np.uint8)
 
 
+def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float, *,
+                 scale: tuple[float, float] = (0.02, 1 / 3),
+                 ratio: tuple[float, float] = (0.3, 3.3), attempts: int = 10) -> None:
+  """Random erasing (Zhong et al. 2020) of a normalised float image (H, W, C), in place.
+
+  With `probability`, one rectangle whose area is a `scale` fraction of the image and
+  whose aspect ratio is log-uniform in `ratio` (up to `attempts` draws until one fits) is
+  replaced by standard normal noise per pixel and channel: timm's RandomErasing in
+  mode='pixel' with one rectangle, as the MAE fine-tuning recipe uses it (reprob 0.25),
+  after normalisation, so the noise has the statistics of normalised pixels."""
+  if probability <= 0 or rng.random() >= probability:
+    return
+  height, width, channels = image.shape
+  for _ in range(attempts):
+    area = rng.uniform(*scale) * height * width
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    if h < height and w < width:
+      top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+      image[top:top + h, left:left + w] = rng.standard_normal((h, w, channels), np.float32)
+      return
+
+
 def crop_resize(pixels: np.ndarray, box_fn: Callable[[int, int], Box], image_size: int,
                 mode: str, resample) -> Image.Image:
   """Cuts box_fn(width, height) out of a stored image and resizes it to a square.
@@ -110,6 +133,8 @@ class ImageTransform:
     crop_scale, crop_ratio: random resized crop ranges of area fraction and aspect.
     flip: random horizontal flip (train).
     randaugment_layers, randaugment_magnitude: RandAugment (train; 0 layers = off).
+    random_erasing: probability of erasing a rectangle of each normalised training image
+      (see random_erase; 0 = off).
     eval_crop_fraction: evaluation keeps the central crop_fraction of the shorter side.
     interpolation: 'bilinear' or 'bicubic'.
     mean, std: per-channel normalisation of pixel values in [0, 1]; one value or one per
@@ -126,6 +151,7 @@ class ImageTransform:
   flip: bool = True
   randaugment_layers: int = 0
   randaugment_magnitude: float = 9.0
+  random_erasing: float = 0.0
   eval_crop_fraction: float = 1.0
   interpolation: str = 'bilinear'
   mean: tuple[float, ...] = (0.5,)
@@ -138,6 +164,7 @@ class ImageTransform:
                crop_scale=tuple(data_config.crop_scale), crop_ratio=tuple(data_config.crop_ratio),
                flip=bool(data_config.flip), randaugment_layers=int(data_config.randaugment_layers),
                randaugment_magnitude=float(data_config.randaugment_magnitude),
+               random_erasing=float(data_config.random_erasing),
                eval_crop_fraction=float(data_config.eval_crop_fraction),
                interpolation=data_config.interpolation,
                mean=tuple(data_config.mean), std=tuple(data_config.std),
@@ -155,6 +182,9 @@ class ImageTransform:
       if len(getattr(self, name)) not in (1, self.channels):
         raise ValueError(f'data.{name}={getattr(self, name)} needs 1 or {self.channels} values '
                          f'for {self.channels}-channel images.')
+    if not 0 <= self.random_erasing <= 1:
+      raise ValueError(f'data.random_erasing={self.random_erasing} is a probability: give a '
+                       'value in [0, 1] (the MAE fine-tuning recipe uses 0.25).')
     if not 0 < self.eval_crop_fraction <= 1:
       raise ValueError(f'eval_crop_fraction={self.eval_crop_fraction} must be in (0, 1].')
     if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -186,6 +216,11 @@ class ImageTransform:
                                        magnitude=self.randaugment_magnitude)
     array = np.asarray(image, np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
+
+  def erase(self, image: np.ndarray, rng: Optional[np.random.Generator]) -> None:
+    """Random erasing of one normalised image of `batch` (train), in place."""
+    if self.train and self.random_erasing:
+      random_erase(image, rng, self.random_erasing)
 
   def batch(self, images: np.ndarray) -> np.ndarray:
     """uint8 (B, S, S, 1 or 3) -> normalised float32 (B, S, S, channels)."""
