@@ -12,7 +12,7 @@ warmup epochs, RandomResizedCrop and flip only. Expected (facebookresearch/mae,
 Hardware: the official probe ran on 32 V100 GPUs; the pre-flight checks it on the
 TPUs of the paper's pretraining, 128 v3 cores (`--topology=v3:8x8`, docs/preflight.md).
 
-Demo, probing the demo MAE (configs/mae_pretrain.py:demo), 1 CPU device:
+Demo, probing the demo MAE (configs/mae_pretrain.py:demo), on CPU:
 
   python -m vit_jax.main --config=configs/linear_probe.py:demo --workdir=runs/probe_demo \
       --config.init.path=runs/mae_demo

@@ -14,7 +14,7 @@ smoothing 0.1, random erasing 0.25 (one rectangle of noise, after normalisation)
 Hardware: the official fine-tuning ran on 32 V100 GPUs; the pre-flight checks it on the
 TPUs of the paper's pretraining, 128 v3 cores (`--topology=v3:8x8`, docs/preflight.md).
 
-Demo, from the demo MAE (configs/mae_pretrain.py:demo), 1 CPU device:
+Demo, from the demo MAE (configs/mae_pretrain.py:demo), on CPU:
 
   python -m vit_jax.main --config=configs/mae_finetune.py:demo --workdir=runs/ft_demo \
       --config.init.path=runs/mae_demo

@@ -19,7 +19,7 @@ Hardware of the paper's timings (Table 2: 800 epochs of L/16 in 15.4 h, H/14 in 
   python -m vit_jax.preflight --config=configs/mae_pretrain.py:model=L/16,data=imagenet2012 \
       --topology=v3:8x8
 
-Demo on the built-in Fashion-MNIST subset (a small MAE, 1 CPU device):
+Demo on the built-in Fashion-MNIST subset (a small MAE, on CPU):
 
   python -m vit_jax.main --config=configs/mae_pretrain.py:demo --workdir=runs/mae_demo
 

@@ -14,7 +14,7 @@ python -m vit_jax.preflight, docs/preflight.md).
   python -m vit_jax.main --config=configs/vit_scratch.py:data=imagenet2012 \
       --workdir=runs/vit_s16
 
-Demo on the built-in Fashion-MNIST subset, 1 CPU device:
+Demo on the built-in Fashion-MNIST subset, on CPU:
 
   python -m vit_jax.main --config=configs/vit_scratch.py:demo --workdir=runs/scratch_demo
 """

@@ -101,6 +101,13 @@ def base_config(objective: str = 'classification') -> ml_collections.ConfigDict:
   config.sharding_rules = [('.*', 'replicate')]  # or FSDP_OVER_DATA
   config.log_every_steps = 50
   config.eval_every_steps = 0  # 0: evaluate at the end only
+  # Probe-free measures of the frozen features at each evaluation (vit_jax/fewshot.py):
+  # few-shot linear accuracy with these shots per class (the ViT paper's: (1, 5, 10, 25))
+  # as eval/fewshot_<k>shot, and k-NN accuracy with this k (0: off; 20 is the usual
+  # monitor of MAE pretraining) as eval/knn_top1. Both fit on the images of train_split
+  # ('': data.train_split), read with the evaluation transform, and score the eval split.
+  config.fewshot = ml_collections.ConfigDict(dict(
+      shots=(), knn_k=0, train_split='', l2_reg=2.0**10, seed=0))
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.keep_checkpoint_every_steps = 0  # > 0: also keep every such step

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
@@ -95,6 +96,12 @@ class Objective:
             'top5': jnp.sum(jnp.any(hits, axis=1) * weight),
             'count': jnp.sum(weight)}
 
+  def features(self, model, variables, images):
+    """(batch, D) float32 frozen features of `images`: the classifier's input (pooled,
+    after fc_norm and pre_logits where the model has them)."""
+    return model.clone(num_classes=0).apply({'params': variables['params']}, images,
+                                            train=False)
+
   def finish(self, model, mesh, state, workdir: str, writer) -> str | None:
     """End-of-run artefacts (collective: called on every process), images also through
     `writer` (metrics.MetricWriter) to TensorBoard; returns a line for the log."""
@@ -145,6 +152,12 @@ class MaskedAutoencoder(Objective):
     per_example = jax.vmap(lambda p, t, m: mae.masked_patch_loss(p, t, m, model.norm_pix_loss))(
         pred, target, mask)
     return {'loss': jnp.sum(per_example * batch['mask']), 'count': jnp.sum(batch['mask'])}
+
+  def features(self, model, variables, images):
+    """The encoder's class token over all patches (mask ratio 0), as MAE's linear probe."""
+    noise = jnp.zeros((images.shape[0], int(np.prod(model.grid))), jnp.float32)
+    return model.clone(mask_ratio=0.0).apply({'params': variables['params']}, images,
+                                             noise=noise, features_only=True)
 
   def check(self) -> None:
     if self.option('reconstructions') < 0:

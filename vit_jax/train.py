@@ -24,7 +24,8 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint, data, interop, metrics, models, objectives, optim, sharding
+from vit_jax import (checkpoint, data, fewshot, interop, metrics, models, objectives, optim,
+                     sharding)
 
 
 def num_train_steps(config, num_train_examples: int) -> tuple[int, float]:
@@ -60,6 +61,57 @@ def check_loop_keys(config) -> None:
         raise ValueError(f'init.{key}: {pattern!r} is not a regex ({e}).') from None
   if config.init.path and not epath.Path(config.init.path).exists():
     raise ValueError(f'init.path={config.init.path!r} does not exist.')
+
+
+class FeatureProbe:
+  """config.fewshot at each evaluation: few-shot linear and k-NN accuracy of the frozen
+  features (vit_jax.fewshot), fit on the images of fewshot.train_split and scored on the
+  eval split, both read with the evaluation transform. Every process computes the same
+  numbers from the gathered features."""
+
+  def __init__(self, config, model, objective, mesh):
+    probe = config.fewshot
+    self.shots = tuple(int(k) for k in probe.shots)
+    self.knn_k = int(probe.knn_k)
+    self.train_split = probe.train_split or config.data.train_split
+    self.l2_reg, self.seed = float(probe.l2_reg), int(probe.seed)
+    if any(k < 1 for k in self.shots) or self.knn_k < 0 or self.l2_reg < 0:
+      raise ValueError(f'fewshot: shots={self.shots} must be positive, knn_k={self.knn_k} 0 '
+                       f'(off) or positive and l2_reg={self.l2_reg} non-negative; e.g. '
+                       '--config.fewshot.shots="(1, 5, 10, 25)" --config.fewshot.knn_k=20.')
+    self.enabled = bool(self.shots or self.knn_k)
+    self.config, self.model, self.mesh = config, model, mesh
+    self.features = jax.jit(lambda params, model_state, images: objective.features(
+        model, {'params': params, **model_state}, images))
+
+  def _features(self, params, model_state, split):
+    """(features, labels) of every example of `split`, on every process."""
+    features, labels = [], []
+    for batch in data.eval_iterator(self.config.data, global_batch_size=self.config.eval_batch_size,
+                                    mesh=self.mesh, image_size=self.model.image_size,
+                                    channels=self.model.channels, split=split):
+      f, label, mask = multihost_utils.process_allgather(
+          (self.features(params, model_state, batch['image']), batch['label'], batch['mask']),
+          tiled=True)
+      keep = np.asarray(mask) > 0
+      features.append(np.asarray(f)[keep])
+      labels.append(np.asarray(label)[keep])
+    return np.concatenate(features), np.concatenate(labels)
+
+  def evaluate(self, prefix: str, params, model_state, num_classes: int) -> dict:
+    if not self.enabled:
+      return {}
+    train = self._features(params, model_state, self.train_split)
+    test = self._features(params, model_state, None)
+    results = {}
+    for shots in self.shots:
+      results[f'{prefix}/fewshot_{shots}shot'] = fewshot.fewshot_accuracy(
+          *train, *test, shots=shots, num_classes=num_classes, l2_reg=self.l2_reg,
+          seed=self.seed)
+    if self.knn_k:
+      results[f'{prefix}/knn_top1'] = fewshot.knn_accuracy(*train, *test,
+                                                           num_classes=num_classes, k=self.knn_k)
+    return results
 
 
 def check_micro_batches(config, mesh) -> None:
@@ -237,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models.from_config(config, **objective.model_overrides(info.num_classes))
   data.check_dataset(config.data, info, image_size=model.image_size, channels=model.channels)
   total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
+  probe = FeatureProbe(config, model, objective, mesh)
 
   # ------------------------------------------- model, optimizer and sharded train state
   schedule = optim.learning_rate(config.optim, config.global_batch_size, total_steps,
@@ -266,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         batch_sums = jax.device_get(steps.eval(params, state['model_state'], batch))
         sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
       results |= {f'{prefix}/{k}': v for k, v in objectives.summarize_eval(sums).items()}
+      results |= probe.evaluate(prefix, params, state['model_state'], info.num_classes)
     return results
 
   # -------------------------------------------------------- resume, or initialise

@@ -116,8 +116,10 @@ class MAE(nn.Module):
                           dtype=jnp.dtype(self.dtype), ops=self.ops, name=name)
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, noise=None):
-    """Returns (loss, pred, mask).
+  def __call__(self, images, *, train: bool = False, noise=None, features_only: bool = False):
+    """Returns (loss, pred, mask); with `features_only`, the encoder's class token
+    (batch, width) float32 instead (the features a linear probe of MAE reads; give
+    mask_ratio 0 for all patches).
 
     Args:
       images: (batch, H, W, C), normalised as the training data.
@@ -148,6 +150,8 @@ class MAE(nn.Module):
     x = layers.prepend_class_token(self, x, self.init_scheme)  # its position embedding is 0
     x = self._trunk('Transformer', depth=self.depth, num_heads=self.num_heads,
                     mlp_dim=self.mlp_dim, posemb='none')(x, train=train)
+    if features_only:
+      return x[:, 0].astype(jnp.float32)
 
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=dtype, kernel_init=layers.xavier_uniform, name=name)

@@ -1,0 +1,85 @@
+"""Probe-free measures of frozen features: few-shot linear accuracy and k-NN accuracy.
+
+Few-shot linear accuracy is the ViT paper's measure in its scaling figures (as in
+big_vision's fewshot evaluator): take `shots` training images per class, standardise
+their features (the training shots' mean and standard deviation, applied to the test
+features too), and fit a ridge regression onto targets in {-1, +1} (one column per
+class) in closed form; a test image's class is the column with the largest output.
+
+k-NN accuracy is the usual monitor of self-supervised training (InstDisc, DINO): each
+test image votes among its k most cosine-similar training images, each vote weighted by
+exp(similarity / temperature).
+
+Both take NumPy arrays of features and integer labels; they are cheap next to the
+feature extraction (a few hundred training shots; a k-NN over n_train x n_test
+similarities, computed in blocks).
+"""
+
+import numpy as np
+
+SHOTS = (1, 5, 10, 25)  # big_vision's few-shot counts
+L2_REG = 2.0 ** 10  # big_vision's default ridge strength on standardised features
+
+
+def select_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int = 0) -> np.ndarray:
+  """Indices of `shots` examples of each class (a seeded draw; the same for a seed).
+
+  Raises ValueError when a class has fewer examples than `shots`."""
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for label in range(num_classes):
+    members = np.flatnonzero(labels == label)
+    if len(members) < shots:
+      raise ValueError(f'class {label} has {len(members)} examples, fewer than {shots} shots.')
+    chosen.append(rng.choice(members, size=shots, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+def ridge_weights(features: np.ndarray, targets: np.ndarray, l2_reg: float) -> np.ndarray:
+  """argmin_w |features @ w - targets|^2 + l2_reg |w|^2, in closed form (float64).
+
+  With fewer examples than feature dimensions (the few-shot case) the dual form
+  w = X^T (X X^T + l2_reg I)^-1 Y solves an n x n system instead of a d x d one; both
+  are the same solution."""
+  x = np.asarray(features, np.float64)
+  y = np.asarray(targets, np.float64)
+  n, d = x.shape
+  if n < d:
+    return x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), y)
+  return np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
+
+
+def fewshot_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
+                     test_features: np.ndarray, test_labels: np.ndarray, *, shots: int,
+                     num_classes: int, l2_reg: float = L2_REG, seed: int = 0) -> float:
+  """Accuracy on the test features of a ridge classifier fit on `shots` training
+  examples per class (see the module's docstring)."""
+  chosen = select_shots(np.asarray(train_labels), shots, num_classes, seed)
+  x = np.asarray(train_features, np.float64)[chosen]
+  mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5
+  targets = 2.0 * np.eye(num_classes)[np.asarray(train_labels)[chosen]] - 1.0
+  weights = ridge_weights((x - mean) / std, targets, l2_reg)
+  outputs = ((np.asarray(test_features, np.float64) - mean) / std) @ weights
+  return float(np.mean(outputs.argmax(axis=1) == np.asarray(test_labels)))
+
+
+def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
+                 test_features: np.ndarray, test_labels: np.ndarray, *, num_classes: int,
+                 k: int = 20, temperature: float = 0.07, block: int = 1024) -> float:
+  """Weighted k-NN accuracy with cosine similarity (see the module's docstring)."""
+  def normalised(f):
+    f = np.asarray(f, np.float32)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+  train, test = normalised(train_features), normalised(test_features)
+  train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+  k = min(k, len(train))
+  correct = 0
+  for start in range(0, len(test), block):
+    similarity = test[start:start + block] @ train.T
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    weights = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature)
+    votes = np.zeros((len(nearest), num_classes))
+    np.add.at(votes, (np.arange(len(nearest))[:, None], train_labels[nearest]), weights)
+    correct += int(np.sum(votes.argmax(axis=1) == test_labels[start:start + block]))
+  return correct / len(test)
