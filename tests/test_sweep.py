@@ -199,7 +199,7 @@ def test_rerun_skips_finished_members_and_runs_the_rest_parents_first(tmp_path, 
     _write_run(member.workdir, steps=100, evals=[(100, 0.5, 1.0)])
     return True, 'ok'
 
-  monkeypatch.setattr(sweep, 'run_member', fake_run)
+  monkeypatch.setattr(sweep.runner, 'run_member', fake_run)
   lines = []
   failures = sweep.run(members, steps, log=lines.append)
   assert ran == ['pretrain/seed=1', 'finetune/seed=0', 'finetune/seed=1']
@@ -214,7 +214,7 @@ def test_a_child_of_an_unfinished_parent_is_not_run(tmp_path, monkeypatch):
   members = sweep.expand(sweep.Sweep([sweep.Stage('pretrain', DEMO_MAE),
                                       sweep.Stage('finetune', DEMO_FT, init_from='pretrain')]),
                          str(tmp_path))
-  monkeypatch.setattr(sweep, 'run_member', lambda m: (False, 'Error: out of memory'))
+  monkeypatch.setattr(sweep.runner, 'run_member', lambda m: (False, 'Error: out of memory'))
   failures = sweep.run(members, {m.label: 10 for m in members}, log=lambda _: None)
   assert failures == ['pretrain/base: Error: out of memory',
                       'finetune/base: not run: its parent pretrain/base did not finish']
@@ -281,6 +281,13 @@ def test_a_tiny_sweep_end_to_end_with_a_failing_member_then_rerun(tmp_path):
       ('pretrain', '', 'done', '4'), ('finetune', '2', 'done', '4'),
       ('finetune', '3', 'failed', '0')]
   assert 0 < float(rows[1]['last_eval/top1']) and float(rows[0]['last_eval/loss']) > 0
+  # Each step was timed alone before the runs (3 heads fail to compile: not measured), and
+  # the finished runs' rows hold that rate beside their own.
+  with open(root / sweep.ALONE) as f:
+    alone = json.load(f)
+  assert len(alone) == 2 and all(rate > 0 for rate in alone.values())
+  assert 'not measured: ' in first.stdout
+  assert all(float(r['images_per_sec_alone']) > 0 for r in rows[:2])
   finetune_log = (root / 'finetune' / 'base_lr=0.001,num_heads=2' / 'log.txt').read_text()
   assert 'Initialised from' in finetune_log and 'pretrain/base_lr=0.001' in finetune_log
   report = (root / 'results.md').read_text()
@@ -337,7 +344,7 @@ def test_sigterm_stops_the_sweep_after_the_run_saved(tmp_path, monkeypatch):
 
   threading.Thread(target=preempt, daemon=True).start()
   start = time.time()
-  with pytest.raises(sweep._Stop):  # pylint: disable=protected-access
+  with pytest.raises(sweep.Stop):
     sweep.run_member(member)
   assert time.time() - start < 30
   assert 'saved' in log.read_text().splitlines()
@@ -358,3 +365,53 @@ def test_shipped_sweep_files_expand_to_valid_configs(name, monkeypatch):
       for part in key.split('.'):
         node = node[part]
       assert node == (tuple(value) if isinstance(value, list) else value)
+
+
+def test_runs_slower_than_their_step_alone_are_marked_as_run_on_a_shared_machine(tmp_path):
+  stage = sweep.Stage('train', DEMO_FT, grid=sweep.product({'model.width': [32, 64],
+                                                            'seed': [0, 1]}))
+  spec = sweep.Sweep([stage], title='widths')
+  members = sweep.expand(spec, str(tmp_path))
+  # The step alone: 1000 images/s at width 32, 600 at width 64; seeds share a step.
+  alone = {sweep.step_key(m): 1000.0 if m.values['model.width'] == 32 else 600.0
+           for m in members}
+  assert len(alone) == 2
+  with open(tmp_path / sweep.ALONE, 'w') as f:
+    json.dump(alone, f)
+  # The loops' rates: 20% and 23% below alone are not marked, 30% and 50% below are.
+  rates = {(32, 0): 800.0, (32, 1): 700.0, (64, 0): 460.0, (64, 1): 300.0}
+  for m in members:
+    rate = rates[(m.values['model.width'], m.values['seed'])]
+    _write_run(m.workdir, steps=100, evals=[(100, 0.8, 0.5)], step_time=256 / rate)
+  written = sweep.report(spec, members, {m.label: 100 for m in members}, str(tmp_path))
+  marks = {(r['model.width'], r['seed']): (r['shared_machine'], r['images_per_sec_alone'])
+           for r in written['rows']}
+  assert marks == {(32, 0): ('no', 1000.0), (32, 1): ('yes', 1000.0),
+                   (64, 0): ('no', 600.0), (64, 1): ('yes', 600.0)}
+  text = (tmp_path / 'results.md').read_text()
+  assert ('**Ran on a shared machine** (median images/s more than 25% below the same step '
+          'alone, images_per_sec_alone): width=32,seed=1, width=64,seed=1.') in text
+  assert sweep.shared_machine(740.0, 1000.0) and not sweep.shared_machine(760.0, 1000.0)
+  # Without a measurement nothing is marked.
+  (tmp_path / sweep.ALONE).unlink()
+  rows = sweep.report(spec, members, {m.label: 100 for m in members}, str(tmp_path))['rows']
+  assert all('shared_machine' not in r for r in rows)
+  assert 'shared machine' not in (tmp_path / 'results.md').read_text()
+
+
+def test_the_step_alone_is_measured_once_per_step(tmp_path, monkeypatch):
+  tiny = {'model.width': 32, 'model.depth': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
+          'global_batch_size': 32}
+  stage = sweep.Stage('train', DEMO_FT, overrides=tiny,
+                      grid=sweep.product({'optim.base_lr': [1e-3, 3e-3], 'seed': [0, 1]}))
+  members = sweep.expand(sweep.Sweep([stage]), str(tmp_path))
+  lines = []
+  alone = sweep.measure_steps_alone(members, str(tmp_path), {m.label: 10 for m in members},
+                                    log=lines.append)
+  # The learning rate and the seed do not change the step: one measurement for four runs.
+  assert list(alone) == [sweep.step_key(members[0])] and alone[sweep.step_key(members[0])] > 0
+  assert sweep.read_steps_alone(str(tmp_path)) == alone
+  assert sum(line.startswith('The step alone: ') for line in lines) == 1
+  # Measured once: a rerun of the sweep reads it back and runs nothing.
+  monkeypatch.setattr(subprocess, 'run', lambda *a, **k: pytest.fail('measured again'))
+  assert sweep.measure_steps_alone(members, str(tmp_path), {}, log=lines.append) == alone

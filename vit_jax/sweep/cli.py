@@ -1,0 +1,78 @@
+"""The command line: python -m vit_jax.sweep --sweep=FILE --workdir=DIR [--report]."""
+
+import os
+import shlex
+import sys
+
+from vit_jax.sweep.grid import check, expand, load_sweep, member_config
+from vit_jax.sweep.launch import launch_lines
+from vit_jax.sweep.report import report
+from vit_jax.sweep.runner import Stop, measure_steps_alone, run
+
+
+def num_classes(members) -> dict:
+  """{member label: classes of its dataset} (the benchmark's head)."""
+  from vit_jax import data  # pylint: disable=import-outside-toplevel
+  return {m.label: data.dataset_info(member_config(m).data).num_classes for m in members}
+
+
+def main(argv) -> int:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  del argv
+  sweep_path, root = flags.FLAGS.sweep, flags.FLAGS.workdir
+  sweep = load_sweep(sweep_path)
+  members = expand(sweep, root)
+  command = shlex.join(['python', '-m', 'vit_jax.sweep', f'--sweep={sweep_path}',
+                        f'--workdir={root}'])
+  if flags.FLAGS.launch == 'print':
+    for member in members:  # the keys, without the dataset (it is on the cluster)
+      member_config(member)
+    print(launch_lines(members))
+    return 0
+  steps = check(members)  # every member's config, before anything runs
+  failures = []
+  if not flags.FLAGS.report:
+    print(f'Sweep {sweep_path}: {len(members)} runs in {root}.', flush=True)
+    if flags.FLAGS.measure_alone:
+      measure_steps_alone(members, root, num_classes(members),
+                          log=lambda line: print(line, flush=True))
+    try:
+      failures = run(members, steps, log=lambda line: print(line, flush=True))
+    except Stop:
+      print('Stopped; the interrupted run saved its last checkpoint. Run the same command '
+            'to continue.', flush=True)
+      return 1
+  written = report(sweep, members, steps, root, command)
+  print(f'Results: {os.path.join(root, "results.md")}, {os.path.join(root, "results.csv")}'
+        + (f', {len(written["plots"])} plots' if written['plots'] else ''))
+  for name, fit in written['fits'].items():
+    print(f'{name}: eval loss = {fit["a"]:.3g} C^{fit["exponent"]:.3f}, R2 {fit["r2"]:.3f}')
+  if failures:
+    print(f'{len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
+    return 1
+  return 0
+
+
+def cli():
+  """Console entry point (vit-jax-sweep)."""
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/NAME.py).')
+  flags.DEFINE_string('workdir', None, 'Root of the members\' workdirs and the results.')
+  flags.DEFINE_enum('launch', 'local', ['local', 'print'],
+                    'local: run the members here, one after another; print: print SLURM '
+                    'and TPU-VM commands instead.')
+  flags.DEFINE_bool('report', False, 'Only write results.csv/.md and plots from the workdirs.')
+  flags.DEFINE_bool('measure_alone', True, 'Before the runs, time each distinct training '
+                    'step alone (scripts/benchmark.py), so that the report marks runs that '
+                    'shared the machine.')
+  flags.mark_flags_as_required(['sweep', 'workdir'])
+
+  def checked_main(argv):
+    logging.set_verbosity(logging.WARNING)
+    try:
+      sys.exit(main(argv))
+    except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: a missing dataset
+      print(f'Error: {e}', file=sys.stderr)
+      sys.exit(1)
+
+  app.run(checked_main)

@@ -1,0 +1,199 @@
+"""Running the members of a sweep, one after another, each resumable; a record of each
+attempt (command, wall-clock, machine) in its workdir."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from vit_jax.sweep.grid import Member, format_value
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass  # a line cut by a kill
+  return rows
+
+
+def is_finished(workdir: str, steps: int) -> bool:
+  """True when the run evaluated at its last step."""
+  return any(r.get('step') == steps and any(k.startswith('eval/') for k in r)
+             for r in read_metrics(workdir))
+
+
+RECORD = 'sweep_member.json'  # in each member's workdir: command and wall-clock of attempts
+
+
+def _record(workdir: str) -> dict:
+  path = os.path.join(workdir, RECORD)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {'attempts': []}
+
+
+def _error_line(log_path: str) -> str:
+  with open(log_path, errors='replace') as f:
+    lines = [line.strip() for line in f if line.strip()]
+  errors = [line for line in lines if line.startswith('Error:')]
+  return (errors or lines or ['(no output)'])[-1]
+
+
+def machine() -> str:
+  """The CPU, its cores and the JAX version, for the record of where a run ran."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  cpu = 'unknown CPU'
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                 cpu)
+  return f'{cpu}, {os.cpu_count()} cores, jax {metadata.version("jax")}'
+
+
+class Stop(Exception):
+  """A SIGTERM or Ctrl-C stopped the sweep (the run saved its step)."""
+
+
+def run_member(member: Member) -> tuple[bool, str]:
+  """Runs (or resumes) one member; returns (ok, message). Its output goes to log.txt."""
+  os.makedirs(member.workdir, exist_ok=True)
+  command = member.command(sys.executable)
+  log_path = os.path.join(member.workdir, 'log.txt')
+  record = _record(member.workdir)
+  record['command'] = shlex.join(member.command())
+  start = time.time()
+  with open(log_path, 'a') as out:
+    out.write(f'\n$ {shlex.join(command)}\n')
+    out.flush()
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    stopping = []
+
+    def stop(*_):  # SIGTERM or Ctrl-C: the run saves its step and exits, then so do we
+      stopping.append(True)
+      process.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+      try:
+        returncode = process.wait()
+      except KeyboardInterrupt:
+        stop()
+        returncode = process.wait()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+  seconds = time.time() - start
+  record['attempts'].append({'start': start, 'seconds': seconds, 'returncode': returncode,
+                             'machine': machine()})
+  with open(os.path.join(member.workdir, RECORD), 'w') as f:
+    json.dump(record, f, indent=1)
+  if stopping or returncode < 0:
+    raise Stop()
+  if returncode:
+    return False, f'{_error_line(log_path)} (exit {returncode}; log: {log_path})'
+  return True, f'{seconds / 60:.1f} min'
+
+
+def run(members: list[Member], steps: dict, log=print) -> list[str]:
+  """Runs every unfinished member whose parent finished; returns the failures."""
+  failed = {}
+  todo = [m for m in members if not is_finished(m.workdir, steps[m.label])]
+  log(f'{len(members) - len(todo)} of {len(members)} members finished; running {len(todo)}.')
+  for i, member in enumerate(todo, 1):
+    head = f'[{i}/{len(todo)}] {member.label}'
+    if member.parent and not is_finished(member.parent.workdir, steps[member.parent.label]):
+      failed[member.label] = f'not run: its parent {member.parent.label} did not finish'
+      log(f'{head}: {failed[member.label]}')
+      continue
+    log(f'{head}: running ({steps[member.label]} steps, log in {member.workdir}/log.txt)')
+    ok, message = run_member(member)
+    if ok and not is_finished(member.workdir, steps[member.label]):
+      ok, message = False, ('exited without evaluating its last step (log: '
+                            f'{member.workdir}/log.txt)')
+    if not ok:
+      failed[member.label] = message
+    log(f'{head}: {"done in " if ok else "FAILED: "}{message}')
+  return [f'{label}: {message}' for label, message in failed.items()]
+
+
+# ------------------------------------------------------------- the step alone
+
+ALONE = 'step_alone.json'  # in the sweep's workdir: {step_key: images/s of the step alone}
+# Overrides that change what a step computes, and so its speed.
+SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size', 'grad_accum_steps',
+              'mesh', 'sharding_rules')
+SHARED_SLOWDOWN = 0.25  # a run this much slower than its step alone shared the machine
+
+
+def step_key(member: Member) -> str:
+  """The base config and the overrides that set the member's step: members with the same
+  key run the same step, and are measured alone once."""
+  keys = sorted((k, format_value(v)) for k, v in member.overrides.items()
+                if k.startswith(SPEED_KEYS))
+  return ' '.join([member.stage.config] + [f'--config.{k}={v}' for k, v in keys])
+
+
+def read_steps_alone(root: str) -> dict:
+  path = os.path.join(root, ALONE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log=print) -> dict:
+  """The images/s of each member's training step alone on this machine (the best of 10
+  timed steps of scripts/benchmark.py on its config), once per step_key, kept in
+  ROOT/step_alone.json; run it while nothing else is running. A step that fails to
+  compile is left out (its run reports the error); nothing is measured where the script
+  is not there (an installed package without the repository's scripts/)."""
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), 'scripts', 'benchmark.py')
+  alone = read_steps_alone(root)
+  if not os.path.exists(script):
+    log(f'Not measuring the steps alone: {script} is not there.')
+    return alone
+  for member in members:
+    key = step_key(member)
+    if key in alone:
+      continue
+    log(f'The step alone: {key} ...')
+    with tempfile.TemporaryDirectory() as tmp:
+      output = os.path.join(tmp, 'rows.jsonl')
+      command = ([sys.executable, script, f'--config={member.stage.config}'] +
+                 [f'--config.{k}={format_value(v)}' for k, v in member.overrides.items()
+                  if k.startswith(SPEED_KEYS)] +
+                 [f'--num_classes={num_classes[member.label]}', '--steps=10', '--warmup=3',
+                  f'--output={output}'])
+      result = subprocess.run(command, capture_output=True, text=True, check=False)
+      if result.returncode:  # the run will say what is wrong; its speed stays unknown
+        log(f'  not measured: {_last_line(result.stderr or result.stdout)}')
+        continue
+      with open(output) as f:
+        alone[key] = json.loads(f.readline())['images_per_s']
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ALONE), 'w') as f:
+      json.dump(alone, f, indent=1)
+    log(f'  {alone[key]:.1f} images/s')
+  return alone
+
+
+def shared_machine(images_per_sec: float, alone: float) -> bool:
+  """Whether a run's median images/s is more than SHARED_SLOWDOWN below its step alone."""
+  return images_per_sec < (1 - SHARED_SLOWDOWN) * alone
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else '(no output)'
