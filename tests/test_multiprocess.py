@@ -258,7 +258,7 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 
 @pytest.mark.parametrize('killed, during', [(1, 'training'), (0, 'training'),
-                                            (1, 'an evaluation')])
+                                            (1, 'an evaluation'), (1, 'a save')])
 def test_a_killed_process_ends_the_other_which_then_resumes_bit_for_bit(
     tmp_path, data_dir, uninterrupted, killed, during):
   # Process 0 also runs JAX's coordination service: losing it is the other case.
@@ -272,6 +272,11 @@ def test_a_killed_process_ends_the_other_which_then_resumes_bit_for_bit(
     assert time.time() < deadline and all(p.poll() is None for p, _ in started)
     time.sleep(0.1)
   victim, survivor = started[killed][0], started[1 - killed][0]
+  if during == 'a save':  # the moment Orbax's temporary folder of a new step appears
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    while not (cut := [n for n in os.listdir(checkpoints) if '.orbax-checkpoint-tmp' in n]):
+      assert time.time() < deadline and all(p.poll() is None for p, _ in started)
+      time.sleep(0.001)
   victim.kill()
   killed_at = time.time()
   if during == 'an evaluation':  # step 5's row is written just before its evaluation
@@ -292,6 +297,11 @@ def test_a_killed_process_ends_the_other_which_then_resumes_bit_for_bit(
   assert all(code == 0 for code, _ in results), results[0][1][-3000:]
   resumed = re.search(r'Resumed from .*/checkpoints/(\d+)\.', results[0][1])
   assert resumed and 2 <= int(resumed[1]) <= 6, results[0][1][-2000:]
+  if during == 'a save':  # the save cut short is named, skipped, and the one before resumes
+    step = int(cut[0].split('.')[0])
+    assert f'Warning: skipped {workdir}/checkpoints/{cut[0]}: a save that never finished' in \
+        results[0][1], results[0][1][-2000:]
+    assert int(resumed[1]) == step - 2
   assert losses(workdir) == uninterrupted
 
 
