@@ -218,6 +218,18 @@ def test_the_read_tracker_reports_unread_nested_keys():
   assert tracker.unread() == ['data.unused', 'optim.base_lr']
 
 
+def test_the_fashion_mnist_holdout_keeps_the_test_set_out_of_choosing():
+  from vit_jax import config_utils  # pylint: disable=import-outside-toplevel
+  path = f'{ROOT}/configs/fashion_mnist.py'
+  for variant in ('mae', 'finetune'):
+    held = config_utils.load_config_file(path, f'{variant},holdout=1')
+    assert (held.data.train_split, held.data.eval_split) == ('train[:54000]', 'train[54000:]')
+    plain = config_utils.load_config_file(path, variant)
+    assert (plain.data.train_split, plain.data.eval_split) == ('train', 'test')
+  held = config_utils.load_config_file(path, 'finetune,holdout=1')
+  assert held.eval_every_steps == 54_000 // held.global_batch_size
+
+
 def test_non_demo_variants_have_no_keys_the_demo_lacks():
   """The demo runs in the test above; the paper variants must not add unread keys."""
   sys.path.insert(0, ROOT)
