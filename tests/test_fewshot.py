@@ -90,7 +90,8 @@ def test_knn_on_clusters_and_in_blocks():
 def test_a_run_reports_the_probe_free_measures_of_its_features(name, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   from tests.test_main import demo_config  # pylint: disable=import-outside-toplevel
-  from vit_jax import checkpoint, data, metrics, models, objectives, train  # pylint: disable=import-outside-toplevel
+  from vit_jax import (checkpoint, data, metrics, models, objectives, sharding,  # pylint: disable=import-outside-toplevel
+                       train)
   from vit_jax.data import datasets, transforms  # pylint: disable=import-outside-toplevel
   config = demo_config(name, str(tmp_path / 'tfds'), total_steps=3)
   config.eval_batch_size = 64
@@ -121,12 +122,19 @@ def test_a_run_reports_the_probe_free_measures_of_its_features(name, tmp_path):
       return np.asarray(objective.features(model, {'params': params}, images)), labels
 
   train_set, test_set = features('train[:300]'), features('test[:100]')
-  assert len(test_set[1]) == 100
-  # Features agree to float32 rounding between 8 devices and one; the accuracies are
-  # counts of argmaxes, so allow one image of 100 to fall the other way.
+  # What the run computed, gathered from 8 devices, padding dropped: the same examples in
+  # the same order, the same features to float32 rounding.
+  probe = train.FeatureProbe(config, model, objective, sharding.make_mesh(config.mesh))
+  for split, (expected_features, expected_labels) in (('train[:300]', train_set),
+                                                      ('test[:100]', test_set)):
+    gathered, labels = probe._features(params, {}, split)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_allclose(gathered, expected_features, rtol=1e-4, atol=1e-5)
+  # The accuracies are counts of argmaxes over nearly tied scores (a model of 3 steps):
+  # another order of float32 sums may move a few images.
   for shots in (1, 5):
     expected = fewshot.fewshot_accuracy(*train_set, *test_set, shots=shots, num_classes=10)
-    assert abs(final[f'eval/fewshot_{shots}shot'] - expected) <= 0.01 + 1e-9
+    assert abs(final[f'eval/fewshot_{shots}shot'] - expected) <= 0.03 + 1e-9
   expected = fewshot.knn_accuracy(*train_set, *test_set, num_classes=10, k=5)
-  assert abs(final['eval/knn_top1'] - expected) <= 0.01 + 1e-9
+  assert abs(final['eval/knn_top1'] - expected) <= 0.03 + 1e-9
   assert all(0 <= final[n] <= 1 for n in names)

@@ -79,6 +79,8 @@ class Checkpointer:
     """Starts an asynchronous save of `state` and `data_state` at `step`.
 
     Raises CheckpointFailure if the previous save failed, or this one cannot start."""
+    if self._pending is not None:  # (Orbax waits for it too): a failure names its own step
+      self.wait()
     self._surface_failure(self.manager.save, step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True,
                           failing_step=step)
@@ -231,7 +233,7 @@ def _unfinished_saves(directory: str) -> list[str]:
   path = epath.Path(directory)
   if not path.is_dir():
     return []
-  if is_remote(directory):
+  if directory.startswith('gs://'):  # Orbax's commit-file saves (gcs_utils.is_gcs_path)
     names = [p.name for p in path.iterdir()
              if p.name.isdigit() and not (p / COMMIT_FILE).exists()]
   else:

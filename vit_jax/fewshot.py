@@ -74,6 +74,8 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
   train, test = normalised(train_features), normalised(test_features)
   train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
   k = min(k, len(train))
+  # At most ~256 MiB of similarities at once (ImageNet's 1.28 M training images: 52 rows).
+  block = max(1, min(block, (256 << 20) // (4 * len(train))))
   correct = 0
   for start in range(0, len(test), block):
     similarity = test[start:start + block] @ train.T

@@ -192,6 +192,7 @@ class TensorBoard:
     self.local = (tempfile.mkdtemp(prefix='vit_jax_tensorboard') if self.remote
                   else os.path.join(workdir, 'tensorboard'))
     self.writer = SummaryWriter(self.local)
+    self.closed = False
 
   def flush(self) -> None:
     self.writer.flush()
@@ -208,12 +209,17 @@ class TensorBoard:
           raise WorkdirUnwritable(self.remote / name, e) from e
 
   def close(self, *, upload: bool = True) -> None:
-    """Flushes and closes; `upload=False` after the workdir failed (nothing is sent)."""
+    """Flushes and closes (once); `upload=False` after the workdir failed: nothing is sent."""
+    if self.closed:
+      return
+    self.closed = True
     self.writer.close()
     if self.remote is not None:
-      if upload:
-        self.flush()
-      shutil.rmtree(self.local, ignore_errors=True)
+      try:
+        if upload:
+          self.flush()
+      finally:
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 class MetricWriter:

@@ -12,7 +12,6 @@ import json
 import math
 import re
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -81,6 +80,13 @@ class FeatureProbe:
                        '--config.fewshot.shots="(1, 5, 10, 25)" --config.fewshot.knn_k=20.')
     self.enabled = bool(self.shots or self.knn_k)
     self.config, self.model, self.mesh = config, model, mesh
+    if self.enabled:  # the split exists and can hold the shots (each class: at eval)
+      info = data.dataset_info(config.data)
+      size = info.split_size(self.train_split)
+      if self.shots and size < max(self.shots) * info.num_classes:
+        raise ValueError(f'fewshot.train_split={self.train_split!r} has {size} images, fewer '
+                         f'than {max(self.shots)} shots for each of {info.num_classes} '
+                         'classes; give a larger split or fewer shots.')
     self.features = jax.jit(lambda params, model_state, images: objective.features(
         model, {'params': params, **model_state}, images))
 
@@ -368,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   final = {}
   step = start_step
   batch = first_batch
+  error = None  # what ends the loop, if anything
   try:
     while step < total_steps:
       if batch is None:
@@ -418,16 +425,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if note:
       progress.print(note)
   except metrics.WorkdirUnwritable as e:
-    raise checkpoints.stop_for(e) from None
+    error = checkpoints.stop_for(e)
+    raise error from None
+  except BaseException as e:  # pylint: disable=broad-except  (re-raised)
+    error = e
+    raise
   finally:
-    failing = sys.exc_info()[1] is not None
     profiler.close()
     preemption.close()
     checkpoints.close()
-    try:  # after an error nothing more is sent: the workdir may be what failed
-      writer.close(upload=not failing)
+    try:  # nothing more is sent where the workdir is what failed
+      writer.close(upload=not isinstance(error, checkpoint.CheckpointFailure))
     except metrics.WorkdirUnwritable as e:
-      raise checkpoints.stop_for(e) from None
+      if error is None:  # else the error on its way out says what stopped the run
+        raise checkpoints.stop_for(e) from None
   return final | {'step': step}
 
 

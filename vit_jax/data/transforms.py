@@ -78,7 +78,7 @@ def composite(pixels: np.ndarray, background: Optional[int]) -> np.ndarray:
 
 def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float, *,
                  scale: tuple[float, float] = (0.02, 1 / 3),
-                 ratio: tuple[float, float] = (0.3, 3.3), attempts: int = 10) -> None:
+                 ratio: tuple[float, float] = (0.3, 1 / 0.3), attempts: int = 10) -> None:
   """Random erasing (Zhong et al. 2020) of a normalised float image (H, W, C), in place.
 
   With `probability`, one rectangle whose area is a `scale` fraction of the image and
