@@ -90,8 +90,8 @@ def test_knn_on_clusters_and_in_blocks():
 def test_a_run_reports_the_probe_free_measures_of_its_features(name, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   from tests.test_main import demo_config  # pylint: disable=import-outside-toplevel
-  from vit_jax import (checkpoint, data, metrics, models, objectives, sharding,  # pylint: disable=import-outside-toplevel
-                       train)
+  # pylint: disable=import-outside-toplevel
+  from vit_jax import checkpoint, data, metrics, models, objectives, sharding, train
   from vit_jax.data import datasets, transforms  # pylint: disable=import-outside-toplevel
   config = demo_config(name, str(tmp_path / 'tfds'), total_steps=3)
   config.eval_batch_size = 64
