@@ -124,7 +124,7 @@ def test_a_run_reports_the_probe_free_measures_of_its_features(name, tmp_path):
   train_set, test_set = features('train[:300]'), features('test[:100]')
   # What the run computed, gathered from 8 devices, padding dropped: the same examples in
   # the same order, the same features to float32 rounding.
-  probe = train.FeatureProbe(config, model, objective, sharding.make_mesh(config.mesh))
+  probe = train.FeatureProbe(config, model, objective, sharding.make_mesh(config.mesh), info)
   for split, (expected_features, expected_labels) in (('train[:300]', train_set),
                                                       ('test[:100]', test_set)):
     gathered, labels = probe._features(params, {}, split)  # pylint: disable=protected-access

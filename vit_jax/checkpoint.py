@@ -45,7 +45,7 @@ class WorkdirFailure(CheckpointFailure):
   exit at once (os._exit), without waiting for it."""
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
   """One line for an error that Orbax or TensorStore raised, often long and nested."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return f'{type(error).__name__}: {lines[0][:300] if lines else "(no message)"}'
@@ -81,9 +81,8 @@ class Checkpointer:
     Raises CheckpointFailure if the previous save failed, or this one cannot start."""
     if self._pending is not None:  # (Orbax waits for it too): a failure names its own step
       self.wait()
-    self._surface_failure(self.manager.save, step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True,
-                          failing_step=step)
+    self._surface_failure(step, self.manager.save, step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
     self._pending = step
 
   def check(self) -> None:
@@ -97,7 +96,7 @@ class Checkpointer:
       self.wait()
 
   def wait(self) -> None:
-    self._surface_failure(self.manager.wait_until_finished)
+    self._surface_failure(self._pending, self.manager.wait_until_finished)
     self._pending = None
 
   def stop_for(self, error: BaseException) -> WorkdirFailure:
@@ -131,11 +130,12 @@ class Checkpointer:
         if not self._failed:
           raise
 
-  def _surface_failure(self, call, *args, failing_step=None, **kwargs):
+  def _surface_failure(self, step, call, *args, **kwargs):
+    """call(*args, **kwargs); its failure becomes a one-line CheckpointFailure that names
+    the save of `step` (None: no save involved, the error is raised as it is)."""
     try:
       return call(*args, **kwargs)
     except Exception as e:  # pylint: disable=broad-except
-      step = self._pending if self._pending is not None else failing_step
       if step is None:
         raise
       self._pending, self._failed = None, True
@@ -143,7 +143,7 @@ class Checkpointer:
         self.manager.reload()
       good = [s for s in self.manager.all_steps() if s != step]  # it may list the failed one
       raise CheckpointFailure(
-          f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); '
+          f'Saving checkpoint {step} to {self.directory} failed ({error_reason(e)}); '
           f'{_free_space(self.workdir)}. Stopped: nothing after this is saved. '
           + resume_advice(self.workdir, good)) from None
 
@@ -175,7 +175,8 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         error = e
       if not _all_processes_succeeded(error is None):
-        failed.append((step, _reason(error) if error else 'it failed to read on another process'))
+        failed.append((step, error_reason(error) if error
+                       else 'it failed to read on another process'))
         continue
       self._set_aside(failed, log)
       return step, state, data_state
@@ -348,7 +349,7 @@ def check_initial_params(init_config, model, abstract_params) -> tuple[str, dict
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'init.path={init_config.path!r} is not a checkpoint that vit_jax reads '
-                     f'({_reason(e)}); give a training workdir, an Orbax folder or a '
+                     f'({error_reason(e)}); give a training workdir, an Orbax folder or a '
                      '.npz/.safetensors/.pth file.') from None
   stand_in = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params)
   interop.fit_params(loaded, stand_in, reinit=tuple(init_config.reinit),

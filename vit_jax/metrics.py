@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vit_jax import models
+from vit_jax import checkpoint, models
 
 # Dense peak FLOP/s per chip for the compute dtype, from the datasheets (H100 and H200:
 # the SXM parts). float32 on these GPUs is the TF32 tensor-core peak: XLA's default
@@ -169,10 +169,8 @@ class WorkdirUnwritable(OSError):
   """A file of the workdir could not be written, after the storage library's retries."""
 
   def __init__(self, path, error: BaseException):
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     self.path = str(path)
-    self.reason = f'{type(error).__name__}: {lines[0][:300] if lines else "(no message)"}'
-    super().__init__(f'Writing {self.path} failed ({self.reason})')
+    super().__init__(f'Writing {self.path} failed ({checkpoint.error_reason(error)})')
 
 
 class TensorBoard:
@@ -188,7 +186,7 @@ class TensorBoard:
 
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self.remote = epath.Path(workdir) / 'tensorboard' if _is_remote(workdir) else None
+    self.remote = epath.Path(workdir) / 'tensorboard' if checkpoint.is_remote(workdir) else None
     self.local = (tempfile.mkdtemp(prefix='vit_jax_tensorboard') if self.remote
                   else os.path.join(workdir, 'tensorboard'))
     self.writer = SummaryWriter(self.local)
@@ -232,7 +230,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self.path = epath.Path(workdir) / 'metrics.jsonl'
     # Buckets (gs://) cannot append: the lines are kept and the file rewritten.
-    self.lines = [] if _is_remote(workdir) else None
+    self.lines = [] if checkpoint.is_remote(workdir) else None
     self.tensorboard = None
     self.failed = False
     if not self.enabled:
@@ -316,10 +314,6 @@ def _step_of(line: str) -> int | None:
     return None
 
 
-def _is_remote(path: str) -> bool:
-  return '://' in str(path)
-
-
 def read_metrics(workdir: str) -> list[dict]:
   return [json.loads(line) for line in (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
 
@@ -376,7 +370,7 @@ class StepProfiler:
     self.enabled = bool(steps) and jax.process_index() == 0
     self.destination = epath.Path(workdir) / 'tensorboard'
     # The profiler writes local files only; a gs:// workdir gets a copy when it stops.
-    self.directory = (tempfile.mkdtemp(prefix='profile') if _is_remote(workdir)
+    self.directory = (tempfile.mkdtemp(prefix='profile') if checkpoint.is_remote(workdir)
                       else str(self.destination))
     self.active = False
 

@@ -34,18 +34,22 @@ def tpu_backend_is_pointless() -> bool:
   return chips == 0 and not gpu
 
 
-def skip_absent_tpu() -> None:
-  """Leaves the TPU backend out where it is pointless; does nothing once JAX's backends
-  have started (the first jax.devices() or computation starts them)."""
-  if not tpu_backend_is_pointless():
-    return
-  import jax  # pylint: disable=import-outside-toplevel
+def _backends_may_change() -> bool:
+  """Whether JAX's backends have not started yet (the first jax.devices() or computation
+  starts them); False where this JAX does not say (then nothing is changed)."""
   try:
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    if xla_bridge.backends_are_initialized():
-      return
+    return not xla_bridge.backends_are_initialized()
   except (ImportError, AttributeError):
+    return False
+
+
+def skip_absent_tpu() -> None:
+  """Leaves the TPU backend out where it is pointless; does nothing once JAX's backends
+  have started."""
+  if not tpu_backend_is_pointless() or not _backends_may_change():
     return
+  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_platforms', 'cpu')
 
 
@@ -67,13 +71,7 @@ def use_every_cpu_core() -> int | None:
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return None
   import jax  # pylint: disable=import-outside-toplevel
-  if jax.config.jax_num_cpu_devices != -1:
-    return None
-  try:
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    if xla_bridge.backends_are_initialized():
-      return None
-  except (ImportError, AttributeError):
+  if jax.config.jax_num_cpu_devices != -1 or not _backends_may_change():
     return None
   count = cpu_device_count(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                            else os.cpu_count() or 1)

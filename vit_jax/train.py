@@ -68,7 +68,7 @@ class FeatureProbe:
   eval split, both read with the evaluation transform. Every process computes the same
   numbers from the gathered features."""
 
-  def __init__(self, config, model, objective, mesh):
+  def __init__(self, config, model, objective, mesh, info):
     probe = config.fewshot
     self.shots = tuple(int(k) for k in probe.shots)
     self.knn_k = int(probe.knn_k)
@@ -80,8 +80,8 @@ class FeatureProbe:
                        '--config.fewshot.shots="(1, 5, 10, 25)" --config.fewshot.knn_k=20.')
     self.enabled = bool(self.shots or self.knn_k)
     self.config, self.model, self.mesh = config, model, mesh
+    self.num_classes = info.num_classes
     if self.enabled:  # the split exists and can hold the shots (each class: at eval)
-      info = data.dataset_info(config.data)
       size = info.split_size(self.train_split)
       if self.shots and size < max(self.shots) * info.num_classes:
         raise ValueError(f'fewshot.train_split={self.train_split!r} has {size} images, fewer '
@@ -104,7 +104,7 @@ class FeatureProbe:
       labels.append(np.asarray(label)[keep])
     return np.concatenate(features), np.concatenate(labels)
 
-  def evaluate(self, prefix: str, params, model_state, num_classes: int) -> dict:
+  def evaluate(self, prefix: str, params, model_state) -> dict:
     if not self.enabled:
       return {}
     train = self._features(params, model_state, self.train_split)
@@ -112,11 +112,11 @@ class FeatureProbe:
     results = {}
     for shots in self.shots:
       results[f'{prefix}/fewshot_{shots}shot'] = fewshot.fewshot_accuracy(
-          *train, *test, shots=shots, num_classes=num_classes, l2_reg=self.l2_reg,
+          *train, *test, shots=shots, num_classes=self.num_classes, l2_reg=self.l2_reg,
           seed=self.seed)
     if self.knn_k:
-      results[f'{prefix}/knn_top1'] = fewshot.knn_accuracy(*train, *test,
-                                                           num_classes=num_classes, k=self.knn_k)
+      results[f'{prefix}/knn_top1'] = fewshot.knn_accuracy(
+          *train, *test, num_classes=self.num_classes, k=self.knn_k)
     return results
 
 
@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models.from_config(config, **objective.model_overrides(info.num_classes))
   data.check_dataset(config.data, info, image_size=model.image_size, channels=model.channels)
   total_steps, steps_per_epoch = num_train_steps(config, info.split_size(config.data.train_split))
-  probe = FeatureProbe(config, model, objective, mesh)
+  probe = FeatureProbe(config, model, objective, mesh, info)
 
   # ------------------------------------------- model, optimizer and sharded train state
   schedule = optim.learning_rate(config.optim, config.global_batch_size, total_steps,
@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         batch_sums = jax.device_get(steps.eval(params, state['model_state'], batch))
         sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
       results |= {f'{prefix}/{k}': v for k, v in objectives.summarize_eval(sums).items()}
-      results |= probe.evaluate(prefix, params, state['model_state'], info.num_classes)
+      results |= probe.evaluate(prefix, params, state['model_state'])
     return results
 
   # -------------------------------------------------------- resume, or initialise

@@ -44,9 +44,9 @@ def _record(workdir: str) -> dict:
   return {'attempts': []}
 
 
-def _error_line(log_path: str) -> str:
-  with open(log_path, errors='replace') as f:
-    lines = [line.strip() for line in f if line.strip()]
+def _error_line(output: str) -> str:
+  """The last `Error:` line of a command's output, else its last line."""
+  lines = [line.strip() for line in output.splitlines() if line.strip()]
   errors = [line for line in lines if line.startswith('Error:')]
   return (errors or lines or ['(no output)'])[-1]
 
@@ -101,7 +101,9 @@ def run_member(member: Member) -> tuple[bool, str]:
   if stopping or returncode < 0:
     raise Stop()
   if returncode:
-    return False, f'{_error_line(log_path)} (exit {returncode}; log: {log_path})'
+    with open(log_path, errors='replace') as f:
+      error = _error_line(f.read())
+    return False, f'{error} (exit {returncode}; log: {log_path})'
   return True, f'{seconds / 60:.1f} min'
 
 
@@ -136,12 +138,16 @@ SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size', 'grad_ac
 SHARED_SLOWDOWN = 0.25  # a run this much slower than its step alone shared the machine
 
 
+def _speed_flags(member: Member) -> list[str]:
+  """The member's command-line overrides that set its step, in a fixed order."""
+  return [f'--config.{k}={format_value(v)}' for k, v in sorted(member.overrides.items())
+          if k.startswith(SPEED_KEYS)]
+
+
 def step_key(member: Member) -> str:
   """The base config and the overrides that set the member's step: members with the same
   key run the same step, and are measured alone once."""
-  keys = sorted((k, format_value(v)) for k, v in member.overrides.items()
-                if k.startswith(SPEED_KEYS))
-  return ' '.join([member.stage.config] + [f'--config.{k}={v}' for k, v in keys])
+  return ' '.join([member.stage.config] + _speed_flags(member))
 
 
 def read_steps_alone(root: str) -> dict:
@@ -171,14 +177,12 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
     log(f'The step alone: {key} ...')
     with tempfile.TemporaryDirectory() as tmp:
       output = os.path.join(tmp, 'rows.jsonl')
-      command = ([sys.executable, script, f'--config={member.stage.config}'] +
-                 [f'--config.{k}={format_value(v)}' for k, v in member.overrides.items()
-                  if k.startswith(SPEED_KEYS)] +
-                 [f'--num_classes={num_classes[member.label]}', '--steps=10', '--warmup=3',
-                  f'--output={output}'])
+      command = ([sys.executable, script, f'--config={member.stage.config}',
+                  *_speed_flags(member), f'--num_classes={num_classes[member.label]}',
+                  '--steps=10', '--warmup=3', f'--output={output}'])
       result = subprocess.run(command, capture_output=True, text=True, check=False)
       if result.returncode:  # the run will say what is wrong; its speed stays unknown
-        log(f'  not measured: {_last_line(result.stderr or result.stdout)}')
+        log(f'  not measured: {_error_line(result.stderr or result.stdout)}')
         continue
       with open(output) as f:
         alone[key] = json.loads(f.readline())['images_per_s']
@@ -192,8 +196,3 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
 def shared_machine(images_per_sec: float, alone: float) -> bool:
   """Whether a run's median images/s is more than SHARED_SLOWDOWN below its step alone."""
   return images_per_sec < (1 - SHARED_SLOWDOWN) * alone
-
-
-def _last_line(text: str) -> str:
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  return lines[-1] if lines else '(no output)'
