@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -269,6 +270,38 @@ def test_grayscale_becomes_three_equal_channels(demo_config):
   batch = host_train(demo_config, batch=8)[0]
   assert batch['image'].shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
   np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+
+
+def test_a_small_split_is_decoded_once_into_memory_with_the_same_batches(demo_config,
+                                                                         folder_config):
+  info = datasets.read_info(demo_config)
+  files = datasets.open_split(demo_config, 'train').source
+  cached = datasets.open_split_for_reading(demo_config, 'train', info).source
+  assert isinstance(cached, datasets.DecodedSplit) and len(cached) == len(files)
+  # Decoded once per process: the pipelines rebuilt at each evaluation share it.
+  assert datasets.open_split_for_reading(demo_config, 'train', info).source is cached
+  assert not cached.images.flags.writeable
+  for a, b in zip(files.__getitems__([0, 5, 777]), cached.__getitems__([0, 5, 777])):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert a['label'] == b['label']
+  uncached = demo_config.copy_and_resolve_references()
+  uncached.cache_mb = 0
+  assert not isinstance(datasets.open_split_for_reading(uncached, 'train', info).source,
+                        datasets.DecodedSplit)
+  # Images of varied sizes stay in their files.
+  assert not isinstance(datasets.open_split_for_reading(
+      folder_config, 'train', datasets.read_info(folder_config)).source, datasets.DecodedSplit)
+  # The batches, the one across the first epoch's end included, bit for bit; their
+  # examples in grain's shuffled order, also for the second of two processes and across
+  # the blocks of batches whose order is looked up together.
+  order = grain.MapDataset.range(len(files)).shuffle(
+      seed=pipeline._derived_seed(0, 0)).repeat()  # pylint: disable=protected-access
+  for k in (0, len(files) // 384, len(files) // 384 + 1, 15, 16, 33):
+    a = host_train(demo_config, batch=192, process_index=1, process_count=2)[k]
+    b = host_train(uncached, batch=192, process_index=1, process_count=2)[k]
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['index'], b['index'])
+    np.testing.assert_array_equal(a['index'], [order[k * 384 + 192 + i] for i in range(192)])
 
 
 def test_same_seed_same_batches_other_seed_other_batches(folder_config):

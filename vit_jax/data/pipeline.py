@@ -31,6 +31,7 @@ from vit_jax.data import datasets
 from vit_jax.data.transforms import ImageTransform
 
 PADDING = -1  # Example index of a padding slot in an eval batch.
+_ORDER_STEPS = 16  # training batches whose order is looked up together
 # Global batches sent to the devices ahead of the one a step is using (device_put is
 # asynchronous, so the transfer overlaps the step).
 _DEVICE_AHEAD = 1
@@ -87,9 +88,9 @@ class _BatchLoader:
 
 
 def _loader(data_config, split: str, transform: ImageTransform):
-  split_source = datasets.open_split(data_config, split)
-  stored_channels = datasets.read_info(data_config).image_shape[-1]
-  return split_source, _BatchLoader(split_source, transform, stored_channels)
+  info = datasets.read_info(data_config)
+  split_source = datasets.open_split_for_reading(data_config, split, info)
+  return split_source, _BatchLoader(split_source, transform, info.image_shape[-1])
 
 
 def train_batches(data_config, *, local_batch_size: int, image_size: int, channels: int,
@@ -117,10 +118,22 @@ def train_batches(data_config, *, local_batch_size: int, image_size: int, channe
   global_batch_size = local_batch_size * process_count
   augment_seed = _derived_seed(seed, 1)
 
+  @functools.lru_cache(maxsize=8)
+  def order_block(block: int) -> np.ndarray:
+    # The source indices of this process's share of _ORDER_STEPS batches, looked up from
+    # grain together (5 us each, which was 7% of the host's work per 28x28 example).
+    steps = block * _ORDER_STEPS + np.arange(_ORDER_STEPS)
+    positions = (steps[:, None] * global_batch_size + process_index * local_batch_size
+                 + np.arange(local_batch_size))
+    indices = np.array([order[int(p)] for p in positions.ravel()], np.int64)
+    indices = indices.reshape(positions.shape)
+    indices.flags.writeable = False
+    return indices
+
   def load_batch(step: int) -> dict:
     positions = (step * global_batch_size + process_index * local_batch_size
                  + np.arange(local_batch_size))
-    indices = np.array([order[int(p)] for p in positions], np.int64)
+    indices = order_block(step // _ORDER_STEPS)[step % _ORDER_STEPS]
     rngs = [np.random.default_rng([augment_seed, int(p)]) for p in positions]
     return load(indices, rngs)
 
