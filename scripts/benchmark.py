@@ -10,6 +10,9 @@ r"""Speed of the training step: images/s, step time, FLOPs, MFU, compile time, m
   python scripts/benchmark.py --preset=cpu_issue7 --output=benchmarks.jsonl
   # What scripts/gpu_check.sh runs on one GPU:
   python scripts/benchmark.py --preset=gpu_bf16
+  # The studies' recipes (configs/fashion_mnist.py): each step alone, then the real
+  # training loop on the full Fashion-MNIST, and the loop's share of its step's speed:
+  python scripts/benchmark.py --preset=studies --output=docs/results/loop_efficiency.jsonl
 
 The step is the training loop's own (`vit_jax.train.build_steps`: model, objective,
 optimizer from the config, donated state, sharded over every local device), fed one
@@ -25,6 +28,13 @@ probe 1x forward plus 2x its head), and by XLA's cost analysis of the compiled s
 count over the step time and the peak: on CPU, the best rate of a float32 2048x2048
 matmul measured throughout the same run (before, between and after the rows); on GPU and
 TPU, the datasheet peak of the compute dtype (vit_jax.metrics.PEAK_FLOPS).
+
+A preset of config files (`studies`) also runs each config's real training loop
+(`python -m vit_jax.main` for `loop_steps` steps in a temporary workdir, no evaluation
+and no checkpoint before the last step, on the dataset the config names) and compares
+the loop's images/s, the median of its logged intervals after the first (which holds the
+compile), with the step's median alone: what the loop pays for reading, decoding and
+augmenting images, moving them to the devices and the host's work between steps.
 
 Memory: XLA's memory analysis of the compiled step (arguments + outputs + temporaries -
 donated aliases, per device), the growth of the process's peak RSS during the row (CPU),
@@ -46,7 +56,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -79,7 +90,10 @@ class Row:
     return f'{self.model} ({", ".join(extras)})'
 
 
-# Each preset: rows, and checks over the measured rows (see run_checks).
+STUDY_CONFIGS = [f'configs/fashion_mnist.py:{variant}'
+                 for variant in ('mae', 'finetune', 'scratch', 'probe')]
+
+# Each preset: rows (or config files), and checks over the measured rows (see run_checks).
 PRESETS = {
     # Issue 7, on a 2-core CPU: float32, 224x224.
     'cpu_issue7': dict(
@@ -99,6 +113,11 @@ PRESETS = {
                                  Row('MAE-B/16', 256, dtype='bfloat16', scan=True,
                                      mask_ratio=0.75)), 0.9)],
         steps=10, warmup=3),
+    # The studies' recipes at batch 256 on a 2-core CPU, step alone and in the loop.
+    'studies': dict(
+        configs=STUDY_CONFIGS, loop_steps=200, loop_log_every=25,
+        checks=[('loop', spec, 0.9) for spec in STUDY_CONFIGS],
+        steps=20, warmup=3),
 }
 
 
@@ -288,14 +307,41 @@ def finish(result: dict, peak: Peak) -> dict:
   return result
 
 
+def loop(spec: str, steps: int, log_every: int, overrides: tuple = ()) -> dict:
+  """Images/s of the training loop of config `spec` ('configs/FILE.py:ARG', relative to
+  the repository), run by vit_jax.main for `steps` steps in a temporary workdir, with
+  `overrides` ('--config.KEY=VALUE' flags)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as workdir:
+    result = subprocess.run(
+        [sys.executable, '-m', 'vit_jax.main', f'--config={os.path.join(ROOT, spec)}',
+         f'--workdir={workdir}', f'--config.total_steps={steps}',
+         f'--config.log_every_steps={log_every}', '--config.eval_every_steps=0',
+         f'--config.checkpoint_every_steps={steps}', *overrides],
+        capture_output=True, text=True, cwd=ROOT, check=False)
+    if result.returncode:
+      raise RuntimeError(f'The loop of {spec} failed:\n{result.stderr[-2000:]}')
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rates = [row['perf/images_per_sec'] for row in map(json.loads, f)
+               if 'perf/images_per_sec' in row]
+  return {'kind': 'loop', 'config': spec, 'overrides': list(overrides), 'loop_steps': steps,
+          'loop_log_every': log_every,
+          'loop_intervals_images_per_s': rates,
+          'loop_images_per_s': float(np.median(rates[1:])),
+          'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
+
+
 # --------------------------------------------------------------------- table, checks
 
-COLUMNS = [('row', '{}'), ('images_per_s', '{:.2f}'), ('step_time_s', '{:.3f}'),
+COLUMNS = [('row', '{}'), ('images_per_s', '{:.2f}'), ('images_per_s_median', '{:.2f}'),
+           ('step_time_s', '{:.3f}'),
            ('step_time_median_s', '{:.3f}'), ('analytic_flops_per_step', '{:.4g}'),
            ('xla_flops_per_step', '{:.4g}'), ('mfu', '{:.1%}'), ('mfu_xla', '{:.1%}'),
            ('compile_s', '{:.1f}'), ('xla_total_bytes', '{}'), ('rss_growth_bytes', '{}'),
            ('gpu_peak_bytes', '{}')]
-HEADERS = {'row': 'row', 'images_per_s': 'img/s', 'step_time_s': 's/step (best)',
+HEADERS = {'row': 'row', 'images_per_s': 'img/s', 'images_per_s_median': 'img/s (median)',
+           'step_time_s': 's/step (best)',
            'step_time_median_s': 's/step (median)', 'analytic_flops_per_step':
            'FLOPs/step (analytic)', 'xla_flops_per_step': 'FLOPs/step (XLA)',
            'mfu': 'MFU', 'mfu_xla': 'MFU (XLA FLOPs)', 'compile_s': 'compile s',
@@ -324,6 +370,8 @@ def table(results: list[dict]) -> str:
 def run_checks(checks, results: dict[Row, dict]) -> list[dict]:
   """Evaluates a preset's checks on the measured rows -> one dict per check.
 
+  'loop' (config spec): the loop's images/s is at least target x the median images/s of
+  the same config's step alone.
   'mfu': the row's MFU is at least the target. 'compile_s': the row compiled in less
   than the target. 'mae_speedup' (vit_row, mae_row): MAE images/s is at least
   target x (ViT FLOPs per example / MAE FLOPs per example) x ViT images/s, the speed-up
@@ -331,7 +379,15 @@ def run_checks(checks, results: dict[Row, dict]) -> list[dict]:
   """
   out = []
   for kind, rows, target in checks:
-    if kind == 'mfu':
+    if kind == 'loop':
+      step, run = results[rows], results[('loop', rows)]
+      value = run['loop_images_per_s'] / step['images_per_s_median']
+      out.append(dict(kind='check', check=f'loop of {rows}', value=value, target=target,
+                      passed=value >= target,
+                      text=(f'{run["loop_images_per_s"]:.0f} img/s in the loop, '
+                            f'{step["images_per_s_median"]:.0f} for the step alone (median): '
+                            f'{value:.1%} >= {target:.0%}')))
+    elif kind == 'mfu':
       value = results[rows]['mfu']
       out.append(dict(kind='check', check=f'MFU of {rows.name}', value=value, target=target,
                       passed=value >= target, text=f'{value:.1%} >= {target:.0%}'))
@@ -404,8 +460,18 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # no 'Unable to initialize backend' lines
 
+  classes = {}  # a job's number of classes, where not --num_classes
   if FLAGS.config is not None:
     jobs = [(describe_config(FLAGS.config), FLAGS.config)]
+  elif preset.get('configs'):
+    from vit_jax import config_utils, data  # pylint: disable=import-outside-toplevel
+    jobs = []
+    for spec in preset['configs']:
+      path, _, arg = spec.partition(':')
+      config = config_utils.load_config_file(os.path.join(ROOT, path), arg)
+      data.ensure_prepared(config.data)  # before any compile: the loop reads it
+      jobs.append((spec, config))
+      classes[spec] = data.dataset_info(config.data).num_classes  # the loop's head
   elif preset:
     jobs = [(row, row_config(row)) for row in preset['rows']]
   else:
@@ -422,17 +488,23 @@ def main(argv):
   peak.measure()
   measured = {}
   for row, config in jobs:
-    print(f'{row.name}: compiling and timing...', flush=True)
-    measured[row] = benchmark(config, num_classes=FLAGS.num_classes, steps=steps,
-                              warmup=warmup, wait_idle=wait_idle)
+    print(f'{getattr(row, "name", row)}: compiling and timing...', flush=True)
+    measured[row] = benchmark(config, num_classes=classes.get(row, FLAGS.num_classes),
+                              steps=steps, warmup=warmup, wait_idle=wait_idle)
+    if isinstance(row, str):  # a preset's config file: two may share a model
+      measured[row]['row'] = f'{row}: {measured[row]["row"]}'
+      measured[row]['config'] = row
     peak.measure()
     result = measured[row]
     print(f'  {result["images_per_s"]:.2f} img/s, {result["step_time_s"]:.3f} s/step (best), '
           f'compiled in {result["compile_s"]:.1f} s', flush=True)
   results = {row: finish(result, peak) for row, result in measured.items()}
+  for spec, _ in jobs if preset.get('loop_steps') else ():
+    print(f'{spec}: the training loop, {preset["loop_steps"]} steps...', flush=True)
+    results[('loop', spec)] = loop(spec, preset['loop_steps'], preset['loop_log_every'])
   peak_flops, source = peak.get(str(jobs[0][1].model.get('dtype', 'float32')))
   print(f'\nPeak: {peak_flops / 1e12:.3f} TFLOP/s ({source}).\n')
-  print(table(list(results.values())))
+  print(table([r for r in results.values() if r['kind'] == 'step']))
   checks = run_checks(preset.get('checks', []), results)
   for check in checks:
     print(f'{"PASS" if check["passed"] else "FAIL"}  {check["check"]}: {check["text"]}')

@@ -93,6 +93,23 @@ def test_checks_of_a_preset(bench):
   assert all(c['kind'] == 'check' and c['text'] for c in checks)
 
 
+def test_the_loop_is_checked_against_the_median_of_its_step_alone(bench):
+  mae, probe = 'configs/fashion_mnist.py:mae', 'configs/fashion_mnist.py:probe'
+  results = {mae: dict(images_per_s_median=1000.0), ('loop', mae): dict(loop_images_per_s=905.0),
+             probe: dict(images_per_s_median=2000.0),
+             ('loop', probe): dict(loop_images_per_s=1790.0)}
+  checks = bench.run_checks([('loop', mae, 0.9), ('loop', probe, 0.9)], results)
+  assert [c['passed'] for c in checks] == [True, False]
+  assert [c['value'] for c in checks] == pytest.approx([0.905, 0.895])
+  assert checks[1]['text'] == ('1790 img/s in the loop, 2000 for the step alone (median): '
+                               '89.5% >= 90%')
+  # The preset covers every recipe the studies run.
+  studies = bench.PRESETS['studies']
+  assert studies['configs'] == [f'configs/fashion_mnist.py:{v}'
+                                for v in ('mae', 'finetune', 'scratch', 'probe')]
+  assert [c[1] for c in studies['checks']] == studies['configs']
+
+
 def test_preset_rows_are_those_of_issue_7(bench):
   rows = bench.PRESETS['cpu_issue7']['rows']
   assert [(r.model, r.batch_size, r.dtype, r.image_size, r.scan) for r in rows] == [
