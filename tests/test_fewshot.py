@@ -138,3 +138,18 @@ def test_a_run_reports_the_probe_free_measures_of_its_features(name, tmp_path):
   expected = fewshot.knn_accuracy(*train_set, *test_set, num_classes=10, k=5)
   assert abs(final['eval/knn_top1'] - expected) <= 0.03 + 1e-9
   assert all(0 <= final[n] <= 1 for n in names)
+  if name != 'mae_pretrain':
+    return
+  # scripts/eval_checkpoints.py on the kept checkpoint: the run's own numbers.
+  import json, os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  output = tmp_path / 'checkpoints.json'
+  result = subprocess.run(
+      [sys.executable, f'{root}/scripts/eval_checkpoints.py', f'--workdir={workdir}',
+       '--shots=1,5', '--knn_k=5', '--train_split=train[:300]', f'--output={output}'],
+      capture_output=True, text=True, check=False, timeout=300,
+      env={**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads(output.read_text())['rows']
+  assert row['step'] == 3 and row['train_hours'] > 0
+  assert {n: row[n] for n in names} == pytest.approx({n: final[n] for n in names}, abs=1e-9)

@@ -147,6 +147,95 @@ def test_report_tables_hold_the_runs_numbers_and_seed_statistics(tmp_path):
   assert os.path.exists(tmp_path / 'train_base_lr.png')
 
 
+def test_welch_interval_matches_scipys_welch_test():
+  from scipy import stats
+  a, b = [0.921, 0.930, 0.942], [0.905, 0.911, 0.926]
+  diff, half, note = sweep.welch_interval(a, b)
+  ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+  assert diff == pytest.approx(np.mean(a) - np.mean(b))
+  assert (diff - half, diff + half) == pytest.approx((ci.low, ci.high), rel=1e-9)
+  assert note == ''
+  # Two groups of three with equal spread: 4 degrees of freedom, t = 2.776, not 1.96.
+  diff, half, _ = sweep.welch_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+  assert diff == 0 and half == pytest.approx(2.776445 * np.sqrt(2 / 3), rel=1e-6)
+
+
+def _claim_rows(a, b, *, stage_b='scratch'):
+  rows = [{'stage': 'finetune', 'status': 'done', 'seed': i, 'last_eval/top1': v}
+          for i, v in enumerate(a)]
+  rows += [{'stage': stage_b, 'status': 'done', 'seed': i, 'last_eval/top1': v}
+           for i, v in enumerate(b)]
+  return rows
+
+
+@pytest.mark.parametrize('a, b, kind, verdict', [
+    ([0.930, 0.932, 0.934], [0.910, 0.912, 0.914], 'greater', 'reproduced'),
+    ([0.910, 0.912, 0.914], [0.930, 0.932, 0.934], 'greater', 'not reproduced'),
+    ([0.920, 0.935, 0.905], [0.915, 0.930, 0.900], 'greater', 'inconclusive'),
+    ([0.9200, 0.9205, 0.9210], [0.9195, 0.9200, 0.9205], 'within', 'reproduced'),
+    ([0.930, 0.931, 0.932], [0.910, 0.911, 0.912], 'within', 'not reproduced'),
+    ([0.920, 0.935, 0.905], [0.915, 0.930, 0.900], 'within', 'inconclusive'),
+])
+def test_claims_are_judged_by_the_interval_of_the_difference(a, b, kind, verdict):
+  claim = sweep.Claim('a claim', sweep.Group('finetune'), sweep.Group('scratch'), kind=kind,
+                      margin=0.005 if kind == 'within' else 0.0)
+  judged = sweep.judge(claim, _claim_rows(a, b))
+  assert judged['verdict'] == verdict
+  assert judged['difference'] == pytest.approx(np.mean(a) - np.mean(b))
+  assert judged['line'].startswith(f'**{verdict.capitalize()}**: a claim.')
+
+
+def test_a_claim_on_single_runs_says_what_it_lacks():
+  claim = sweep.Claim('doubling moves little', sweep.Group('finetune'),
+                      sweep.Group('twice'), kind='within', margin=0.005)
+  one_each = sweep.judge(claim, _claim_rows([0.92], [0.921], stage_b='twice'))
+  assert one_each['verdict'] == 'inconclusive' and 'one run each' in one_each['line']
+  # Three seeds against one run: the single run borrows the seeds' spread.
+  borrowed = sweep.judge(claim, _claim_rows([0.9200, 0.9202, 0.9204], [0.9203],
+                                            stage_b='twice'))
+  assert borrowed['verdict'] == 'reproduced' and 'single run' in borrowed['line']
+  # One variance estimate from three runs: 2 degrees of freedom, t = 4.303.
+  sd = np.std([0.9200, 0.9202, 0.9204], ddof=1)
+  assert borrowed['half_width'] == pytest.approx(4.302653 * sd * np.sqrt(1 / 3 + 1), rel=1e-6)
+  missing = sweep.judge(claim, _claim_rows([0.92], []))
+  assert missing['verdict'] == 'not run yet' and 'twice' in missing['line']
+
+
+def test_the_report_puts_the_verdicts_first_and_refuses_a_misspelt_group(tmp_path):
+  stages = [sweep.Stage('finetune', DEMO_FT, grid=sweep.product({'seed': [0, 1, 2]})),
+            sweep.Stage('scratch', DEMO_FT, grid=sweep.product({'seed': [0, 1, 2]}))]
+  claim = sweep.Claim('Pretraining beats scratch (He et al. 2022)', sweep.Group('finetune'),
+                      sweep.Group('scratch'))
+  spec = sweep.Sweep(stages, claims=[claim])
+  members = sweep.expand(spec, str(tmp_path))
+  for m in members:
+    top1 = (0.93 if m.stage.name == 'finetune' else 0.91) + 0.002 * m.values['seed']
+    _write_run(m.workdir, steps=100, evals=[(100, top1, 0.3)])
+  written = sweep.report(spec, members, {m.label: 100 for m in members}, str(tmp_path))
+  assert [v['verdict'] for v in written['verdicts']] == ['reproduced']
+  text = (tmp_path / 'results.md').read_text()
+  assert text.index('## Verdicts') < text.index('## finetune')
+  assert ('- **Reproduced**: Pretraining beats scratch (He et al. 2022). eval/top1: finetune '
+          '93.20% \u00b1 0.20 (3 runs) against scratch 91.20% \u00b1 0.20 (3 runs): +2.00 '
+          'points \u00b1 0.45 (95% interval).') in text
+  bad = sweep.Sweep(stages, claims=[sweep.Claim('x', sweep.Group('fine-tune'),
+                                                sweep.Group('scratch'))])
+  with pytest.raises(ValueError, match="stage 'fine-tune' is not a stage of this sweep"):
+    sweep.expand(bad, str(tmp_path))
+  bad = sweep.Sweep(stages, claims=[sweep.Claim('x', sweep.Group('finetune', {'lr': 1}),
+                                                sweep.Group('scratch'))])
+  with pytest.raises(ValueError, match=r"\['lr'\] are not swept in stage 'finetune'"):
+    sweep.expand(bad, str(tmp_path))
+  bad = sweep.Sweep(stages, claims=[sweep.Claim('x', sweep.Group('finetune', {'seed': 3}),
+                                                sweep.Group('scratch'))])
+  with pytest.raises(ValueError, match=r"no run of stage 'finetune' has \{'seed': 3\}"):
+    sweep.expand(bad, str(tmp_path))
+  # Numbers match by value: seed 1.0 is seed 1.
+  one = sweep.Claim('x', sweep.Group('finetune', {'seed': 1.0}), sweep.Group('scratch'))
+  sweep.expand(sweep.Sweep(stages, claims=[one]), str(tmp_path))
+  assert sweep.judge(one, written['rows'])['a'] == [pytest.approx(0.932)]
+
+
 def test_power_law_fit_recovers_a_known_exponent():
   compute = np.geomspace(1e12, 1e16, 9)
   loss = 40.0 * compute ** -0.12
@@ -164,21 +253,24 @@ def test_frontier_keeps_points_better_than_every_cheaper_one():
   assert sweep.frontier(points) == [(1, 5.0), (2, 4.0), (4, 3.0), (6, 2.0)]
 
 
-def test_scaling_report_draws_the_fit_of_the_frontier(tmp_path):
+def test_scaling_report_draws_the_fit_of_the_frontier_of_the_seeds_means(tmp_path):
   stage = sweep.Stage('scratch', DEMO_FT, grid=sweep.product(
-      {'model.width': [32, 64], 'num_epochs': [1.0, 2.0, 4.0]}))
+      {'model.width': [32, 64], 'num_epochs': [1.0, 2.0, 4.0], 'seed': [0, 1]}))
   spec = sweep.Sweep([stage], scaling='model.width')
   members = sweep.expand(spec, str(tmp_path))
   for m in members:
     width, epochs = m.values['model.width'], m.values['num_epochs']
     flops = width * 1e9
     compute = flops * 100 * epochs
+    # The two seeds 1% either side of the law: their means lie on it.
+    noise = 1.01 if m.values['seed'] else 0.99
     _write_run(m.workdir, steps=int(100 * epochs), flops_per_step=flops,
-               evals=[(int(100 * epochs), 0.9, 2e3 * compute ** -0.25)])
+               evals=[(int(100 * epochs), 0.9, noise * 2e3 * compute ** -0.25)])
   written = sweep.report(spec, members, {m.label: int(100 * m.values['num_epochs'])
                                          for m in members}, str(tmp_path))
   fit = written['fits']['scratch']
   assert fit['exponent'] == pytest.approx(-0.25, abs=1e-6) and fit['r2'] == pytest.approx(1.0)
+  assert fit['points'] == 4  # 6 means at 4 distinct computes (two pairs tie), not 12 runs
   assert os.path.exists(tmp_path / 'scratch_scaling.png')
   assert 'C^-0.250' in (tmp_path / 'results.md').read_text()
 

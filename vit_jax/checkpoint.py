@@ -216,9 +216,14 @@ def _step_folders(directory: epath.Path) -> list[int]:
   return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of workdir/checkpoints's step folders, in order."""
+  return sorted(_step_folders(epath.Path(workdir) / 'checkpoints'))
+
+
 def has_saved_steps(workdir: str) -> bool:
   """Whether workdir/checkpoints holds a step folder: the run will resume, not initialise."""
-  return bool(_step_folders(epath.Path(workdir) / 'checkpoints'))
+  return bool(saved_steps(workdir))
 
 
 def _all_processes_succeeded(ok: bool) -> bool:

@@ -315,7 +315,29 @@ def _step_of(line: str) -> int | None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  return [json.loads(line) for line in (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  text = (epath.Path(workdir) / 'metrics.jsonl').read_text()
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def training_seconds(rows: list[dict]) -> list[tuple[int, float]]:
+  """(step, seconds of training up to it), from step 0 and at each logged training row:
+  the sum of each logging interval's step time times its steps. The loop leaves its
+  compile and its evaluations out of the step time (Progress.exclude); the host's work
+  between steps, checkpoint saves included, is in it."""
+  previous, seconds, out = 0, 0.0, [(0, 0.0)]
+  for r in rows:
+    if 'train/loss' not in r:
+      continue
+    if 'perf/step_time' in r:
+      seconds += r['perf/step_time'] * (r['step'] - previous)
+    previous = r['step']
+    out.append((r['step'], seconds))
+  return out
+
+
+def seconds_at(logged: list[tuple[int, float]], step: int) -> float:
+  """Training seconds up to `step`, interpolated between the steps of training_seconds."""
+  return float(np.interp(step, *zip(*logged)))
 
 
 class Progress:
@@ -343,6 +365,10 @@ class Progress:
             'perf/mfu': self.flops_per_step / step_time / self.peak_flops,
             # Constant within a run; with `step` it gives the compute spent so far.
             'perf/flops_per_step': self.flops_per_step}
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of work between steps (an evaluation) out of the step time."""
+    self.last_time += seconds
 
   def line(self, step: int, scalars: dict) -> str:
     parts = [f'step {step}/{self.total_steps}']

@@ -413,7 +413,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        'Run the same command to resume.')
         break
       if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
+        eval_start = time.perf_counter()
         final = evaluate(state)
+        progress.exclude(time.perf_counter() - eval_start)  # images/s counts training only
         writer.write(step, final)
         progress.print(f'step {step}: ' + ', '.join(
             f'{k} {v:.4f}' for k, v in final.items() if not k.endswith('count')))

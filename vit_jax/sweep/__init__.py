@@ -17,8 +17,8 @@ After the runs (or with --report) the workdir gets results.csv, results.md and P
 
 The parts, one module each: grid.py (sweep files, stages, members and their configs),
 runner.py (running and resuming members), report.py (results.csv and results.md),
-fits.py (frontier and power law), plots.py (the figures), launch.py (SLURM and TPU-VM
-lines), cli.py (the command line).
+fits.py (frontier and power law), verdicts.py (a paper's claim judged on the runs),
+plots.py (the figures), launch.py (SLURM and TPU-VM lines), cli.py (the command line).
 """
 
 from vit_jax.sweep.cli import cli, main
@@ -32,10 +32,12 @@ from vit_jax.sweep.report import aggregate_seeds, main_metric, markdown_table, r
 from vit_jax.sweep.runner import (ALONE, RECORD, Stop, is_finished, machine, measure_steps_alone,
                                   read_metrics, read_steps_alone, run, run_member,
                                   shared_machine, step_key)
+from vit_jax.sweep.verdicts import Claim, Group, judge, welch_interval
 
-__all__ = ['ALONE', 'Member', 'RECORD', 'Stage', 'Stop', 'Sweep', 'aggregate_seeds', 'check', 'cli',
-           'expand', 'fit_power_law', 'frontier', 'is_finished', 'key_labels', 'launch_lines',
-           'load_config', 'load_sweep', 'machine', 'main', 'main_metric', 'markdown_table',
+__all__ = ['ALONE', 'Claim', 'Group', 'Member', 'RECORD', 'Stage', 'Stop', 'Sweep',
+           'aggregate_seeds', 'check', 'cli', 'expand', 'fit_power_law', 'frontier',
+           'is_finished', 'judge', 'key_labels', 'launch_lines', 'load_config', 'load_sweep',
+           'machine', 'main', 'main_metric', 'markdown_table', 'measure_steps_alone',
            'member_config', 'member_name', 'plot_metric', 'plot_scaling', 'product',
-           'measure_steps_alone', 'read_metrics', 'read_steps_alone', 'report', 'run',
-           'run_member', 'shared_machine', 'step_key', 'summarize', 'value_label', 'zipped']
+           'read_metrics', 'read_steps_alone', 'report', 'run', 'run_member', 'shared_machine',
+           'step_key', 'summarize', 'value_label', 'welch_interval', 'zipped']

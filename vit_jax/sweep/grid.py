@@ -74,10 +74,13 @@ class Sweep:
     scaling: for compute-scaling sweeps, the swept key that names the model size (one
       curve per value), e.g. 'model.width'; '' for none.
     title: the heading of results.md.
+    claims: vit_jax.sweep.verdicts.Claim's judged on the finished runs, one verdict line
+      each at the top of results.md.
   """
   stages: list
   scaling: str = ''
   title: str = ''
+  claims: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -180,6 +183,19 @@ def expand(sweep: Sweep, root: str) -> list[Member]:
     if len(set(seen)) != len(seen):
       raise ValueError(f'Stage {stage.name!r}: two members have the same values ({seen}).')
     members[stage.name] = stage_members
+  for claim in sweep.claims:  # a misspelt group would wait for runs that never come
+    for group in (claim.a, claim.b):
+      if group.stage not in members:
+        raise ValueError(f'Claim {claim.text!r}: stage {group.stage!r} is not a stage of this '
+                         f'sweep (stages: {names}).')
+      swept = {k for m in members[group.stage] for k in m.values}
+      unknown = sorted(set(group.values) - swept)
+      if unknown:
+        raise ValueError(f'Claim {claim.text!r}: {unknown} are not swept in stage '
+                         f'{group.stage!r} (swept: {sorted(swept)}).')
+      if not any(group.matches(m.values) for m in members[group.stage]):
+        raise ValueError(f'Claim {claim.text!r}: no run of stage {group.stage!r} has '
+                         f'{group.values} (its runs: {[m.name for m in members[group.stage]]}).')
   return [m for stage in sweep.stages for m in members[stage.name]]
 
 

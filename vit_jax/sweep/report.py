@@ -6,10 +6,12 @@ import os
 
 import numpy as np
 
+from vit_jax import metrics
 from vit_jax.sweep.grid import Member, Sweep, key_labels
 from vit_jax.sweep.plots import plot_metric, plot_scaling
 from vit_jax.sweep.runner import (SHARED_SLOWDOWN, _record, read_metrics, read_steps_alone,
                                   shared_machine, step_key)
+from vit_jax.sweep.verdicts import judge
 
 
 def summarize(member: Member, steps: int, alone: float | None = None) -> dict:
@@ -41,11 +43,7 @@ def summarize(member: Member, steps: int, alone: float | None = None) -> dict:
   flops = [r['perf/flops_per_step'] for r in train_rows if 'perf/flops_per_step' in r]
   if flops:
     row['train_flops'] = flops[-1] * row['steps']
-  previous, seconds = 0, 0.0
-  for r in train_rows:
-    if 'perf/step_time' in r:
-      seconds += r['perf/step_time'] * (r['step'] - previous)
-    previous = r['step']
+  seconds = metrics.training_seconds(train_rows)[-1][1]
   rates = [r['perf/images_per_sec'] for r in train_rows if 'perf/images_per_sec' in r]
   if rates:
     row['train_seconds'] = seconds
@@ -75,7 +73,9 @@ def aggregate_seeds(rows: list[dict], swept: list[str]) -> list[dict]:
     done = [r for r in group if r['status'] == 'done']
     agg = {'stage': group[0]['stage'], **{k: group[0].get(k) for k in keys},
            'seeds': len(done)}
-    for metric in ('last_eval/top1', 'best_eval/top1', 'last_eval/loss', 'final_train_loss'):
+    names = ['last_eval/top1', 'best_eval/top1', 'last_eval/loss', 'final_train_loss']
+    names += sorted({k for r in done for k in r if k.startswith('last_eval/')} - set(names))
+    for metric in names:
       values = [r[metric] for r in done if metric in r]
       if values:
         agg[f'{metric} mean'] = float(np.mean(values))
@@ -130,6 +130,12 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
     hours = sum(r.get('wall_clock_s', 0.0) for r in rows) / 3600
     lines += [f'Wall-clock of the finished runs: {hours:.2f} h, one run after another, on '
               f'{"; ".join(machines) or "a machine not recorded"}.', '']
+  verdicts = [judge(claim, rows) for claim in sweep.claims]
+  if verdicts:
+    lines += ['## Verdicts', '', 'Each claim compares the mean of two groups of finished runs '
+              '(\u00b1 their standard deviation over seeds); the interval is the 95% Welch '
+              'interval of the difference (vit_jax/sweep/verdicts.py).', '']
+    lines += [f'- {v["line"]}' for v in verdicts] + ['']
   plots = []
   for stage in sweep.stages:
     stage_rows = [r for r in rows if r['stage'] == stage.name]
@@ -159,7 +165,11 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
                     and 'train_flops' in r and 'last_eval/loss' in r]
       if len(stage_rows) >= 2:
         path = os.path.join(root, f'{stage.name}_scaling.png')
-        fits[stage.name] = plot_scaling(stage_rows, sweep.scaling, path, stage.name)
+        point_keys = [k for k in swept if k != 'seed' and any(k in r for r in stage_rows)]
+        fewshot = sorted({k for r in stage_rows for k in r if k.startswith('last_eval/fewshot_')},
+                         key=lambda k: (k != 'last_eval/fewshot_5shot', k))
+        fits[stage.name] = plot_scaling(stage_rows, sweep.scaling, path, stage.name,
+                                        point_keys, fewshot[0] if fewshot else '')
         plots.append(path)
         fit = fits[stage.name]
         lines += [f'Scaling ({stage.name}): on the compute-efficient frontier, eval loss = '
@@ -169,4 +179,4 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
                   f'({os.path.basename(path)})', '']
   with open(os.path.join(root, 'results.md'), 'w') as f:
     f.write('\n'.join(lines))
-  return {'rows': rows, 'fits': fits, 'plots': plots}
+  return {'rows': rows, 'fits': fits, 'plots': plots, 'verdicts': verdicts}

@@ -1,0 +1,74 @@
+"""From finished runs to committed results: training hours (vit_jax.metrics) and
+scripts/headline_curve.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(workdir, rows):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+
+
+def test_headline_curve_puts_fine_tuning_after_the_pretraining_hours(tmp_path):
+  # Pretraining: 3,600 steps of 1 s = 1 h; fine-tuning: 200 steps of 9 s = 0.5 h.
+  _write(tmp_path / 'pre', [{'step': s, 'train/loss': 1.0, 'perf/step_time': 1.0}
+                            for s in range(900, 3601, 900)])
+  _write(tmp_path / 'ft', [{'step': 100, 'train/loss': 1.0, 'perf/step_time': 9.0},
+                           {'step': 100, 'eval/top1': 0.91},
+                           {'step': 200, 'train/loss': 0.5, 'perf/step_time': 9.0},
+                           {'step': 200, 'eval/top1': 0.935}])
+  (tmp_path / 'ft' / 'config.json').write_text(
+      json.dumps({'init': {'path': str(tmp_path / 'pre')}}))
+  # A fine-tuning of the checkpoint at step 1,800: after half an hour of pretraining.
+  _write(tmp_path / 'early', [{'step': 100, 'train/loss': 1.0, 'perf/step_time': 9.0},
+                              {'step': 100, 'eval/top1': 0.90}])
+  (tmp_path / 'early' / 'config.json').write_text(json.dumps(
+      {'init': {'path': str(tmp_path / 'pre' / 'checkpoints' / '1800')}}))
+  checkpoints = tmp_path / 'checkpoints.json'
+  checkpoints.write_text(json.dumps({'knn_k': 20, 'rows': [
+      {'step': 1800, 'train_hours': 0.5, 'eval/knn_top1': 0.84},
+      {'step': 3600, 'train_hours': 1.0, 'eval/knn_top1': 0.86}]}))
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      [sys.executable, f'{ROOT}/scripts/headline_curve.py', f'--pretrain={tmp_path / "pre"}',
+       f'--checkpoints={checkpoints}', f'--finetune={tmp_path / "ft"},{tmp_path / "early"}',
+       '--target=0.94', f'--output_dir={out}'],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((out / 'curve.json').read_text())
+  assert summary['pretrain_hours'] == pytest.approx(1.0)
+  curve = summary['finetune'][str(tmp_path / 'ft')]
+  assert [p['hours'] for p in curve] == pytest.approx([1.25, 1.5])
+  assert [p['hours'] for p in summary['finetune'][str(tmp_path / 'early')]] == pytest.approx(
+      [0.75])
+  assert summary['best']['top1'] == 0.935 and summary['best']['hours'] == pytest.approx(1.5)
+  assert summary['reached_target'] is False
+  assert 'Best top-1 93.50% at 1.50 h (1.00 h of pretraining); target 94.0% not reached.' in (
+      result.stdout)
+  assert (out / 'curve.png').stat().st_size > 10_000
+
+
+def test_training_hours_leave_out_the_evaluations(monkeypatch):
+  from vit_jax import metrics  # pylint: disable=import-outside-toplevel
+  clock = iter([0.0, 50.0, 130.0])  # start, the log at step 100, the log at step 200
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  progress = metrics.Progress(total_steps=200, global_batch_size=10, flops_per_step=1.0,
+                              peak_flops=1.0, start_step=0)
+  first = progress.measure(100)
+  progress.exclude(80.0 - 50.0)  # a 30 s evaluation after step 100
+  second = progress.measure(200)
+  assert first['perf/step_time'] == pytest.approx(0.5)
+  assert second['perf/step_time'] == pytest.approx(0.5)  # not 0.8
+  rows = [{'step': 100, 'train/loss': 1.0, **first}, {'step': 100, 'eval/top1': 0.5},
+          {'step': 200, 'train/loss': 1.0, **second}]
+  logged = metrics.training_seconds(rows)
+  assert logged == [(0, 0.0), (100, pytest.approx(50.0)), (200, pytest.approx(100.0))]
+  assert metrics.seconds_at(logged, 150) == pytest.approx(75.0)
