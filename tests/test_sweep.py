@@ -66,6 +66,23 @@ def test_stages_start_from_their_siblings_and_inherit_the_seed(tmp_path):
   assert '--config.optim.base_lr=0.001' in child.command()
 
 
+def test_a_stage_may_start_from_some_of_its_parents_only(tmp_path):
+  pretrain = sweep.Stage('pretrain', DEMO_MAE, grid=sweep.product(
+      {'model.mask_ratio': [0.25, 0.5, 0.75], 'seed': [0, 1]}))
+  finetune = sweep.Stage('finetune', DEMO_FT, init_from='pretrain',
+                         parents={'model.mask_ratio': [0.25, 0.75]})
+  probe = sweep.Stage('probe', DEMO_FT, init_from='pretrain',
+                      parents={'model.mask_ratio': 0.75, 'seed': 1.0})
+  members = sweep.expand(sweep.Sweep([pretrain, finetune, probe]), str(tmp_path))
+  assert [m.name for m in members if m.stage.name == 'finetune'] == [
+      'mask_ratio=0.25,seed=0', 'mask_ratio=0.25,seed=1', 'mask_ratio=0.75,seed=0',
+      'mask_ratio=0.75,seed=1']
+  assert [m.name for m in members if m.stage.name == 'probe'] == ['mask_ratio=0.75,seed=1']
+  nobody = sweep.Stage('probe', DEMO_FT, init_from='pretrain', parents={'model.mask_ratio': 0.6})
+  with pytest.raises(ValueError, match=r"no member of 'pretrain' has \{'model.mask_ratio': 0.6\}"):
+    sweep.expand(sweep.Sweep([pretrain, nobody]), str(tmp_path))
+
+
 def test_a_stage_naming_a_missing_or_later_sibling_is_refused(tmp_path):
   finetune = sweep.Stage('finetune', DEMO_FT, init_from='pretrain')
   with pytest.raises(ValueError, match=r"init_from='pretrain' is not a stage of this sweep"):

@@ -7,6 +7,8 @@ import os
 import re
 from typing import Iterable
 
+from vit_jax.sweep.verdicts import values_equal
+
 
 def product(*axes) -> list[dict]:
   """The cartesian product of grids. Each axis is a dict {key: [values]} (itself a
@@ -56,6 +58,8 @@ class Stage:
       that member's workdir); '' for none.
     inherit: keys of the parent member's swept values also applied to this stage's
       config (e.g. 'seed': a fine-tuning run uses its pretraining run's seed).
+    parents: with init_from, only the members of that stage whose swept values include
+      these ({'model.mask_ratio': 0.75}; a list of values allows each); {}: all of them.
   """
   name: str
   config: str
@@ -63,6 +67,7 @@ class Stage:
   grid: list = dataclasses.field(default_factory=lambda: [{}])
   init_from: str = ''
   inherit: tuple = ('seed',)
+  parents: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +171,16 @@ def expand(sweep: Sweep, root: str) -> list[Member]:
                else f'is not a stage of this sweep (stages: {names})')
       raise ValueError(f"Stage {stage.name!r}: init_from={stage.init_from!r} {where}.")
     parents = members[stage.init_from] if stage.init_from else [None]
+    if stage.parents:
+      if not stage.init_from:
+        raise ValueError(f'Stage {stage.name!r}: parents={stage.parents} needs init_from.')
+      allowed = {k: v if isinstance(v, list) else [v] for k, v in stage.parents.items()}
+      parents = [p for p in parents
+                 if all(any(values_equal(p.values.get(k), v) for v in values)
+                        for k, values in allowed.items())]
+      if not parents:
+        raise ValueError(f'Stage {stage.name!r}: no member of {stage.init_from!r} has '
+                         f'{stage.parents}.')
     grid = stage.grid or [{}]
     stage_members = []
     for parent in parents:

@@ -37,7 +37,7 @@ class Group:
 
   def matches(self, values: dict) -> bool:
     """Whether a run with these swept values belongs to the group (2 and 2.0 are equal)."""
-    return all(k in values and _same(values[k], v) for k, v in self.values.items())
+    return all(k in values and values_equal(values[k], v) for k, v in self.values.items())
 
   def select(self, rows: list[dict], metric: str) -> list[float]:
     return [float(r[metric]) for r in rows
@@ -45,11 +45,12 @@ class Group:
             and self.matches(r)]
 
 
-def _same(a, b) -> bool:
+def values_equal(a, b) -> bool:
+  """Swept values compared as a sweep file means them: 2 == 2.0, (0.2, 1) == [0.2, 1.0]."""
   if isinstance(a, (int, float)) and isinstance(b, (int, float)):
     return a == b
   if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
   return str(a) == str(b)
 
 
