@@ -254,14 +254,20 @@ def open_split_for_reading(data_config, split: str, info: 'DatasetInfo') -> Spli
   """open_split, decoded into memory once per process (DecodedSplit) when the split's
   decoded images take at most data.cache_mb megabytes (images of one fixed shape only);
   else read from the files."""
-  fixed_shape = None not in info.image_shape
-  size = info.split_size(split) * int(np.prod(info.image_shape)) if fixed_shape else 0
-  if not size or size > float(data_config.cache_mb) * 2 ** 20:
-    return open_split(data_config, split)
   key = (data_dir_of(data_config), data_config.name, data_config.source_dir, split)
+  limit = float(data_config.cache_mb) * 2 ** 20
   with _DECODED_LOCK:  # a split decoded already is not opened again
+    if key in _DECODED and _DECODED[key].images.nbytes <= limit:
+      _DECODED.move_to_end(key)
+      decoded = _DECODED[key]
+      return SplitSource(decoded, decoded.image_key, decoded.label_key)
+  source = open_split(data_config, split)  # names a missing dataset and its command
+  fixed_shape = None not in info.image_shape
+  size = len(source.source) * int(np.prod(info.image_shape)) if fixed_shape else 0
+  if not size or size > limit:
+    return source
+  with _DECODED_LOCK:
     if key not in _DECODED:
-      source = open_split(data_config, split)
       _DECODED[key] = DecodedSplit(source)
       while len(_DECODED) > _DECODED_KEPT:
         _DECODED.popitem(last=False)
