@@ -1,25 +1,47 @@
-r"""MAE decoder depth and width (MAE paper Table 1a and 1b): depth 1, 2, 4 at width 64,
-and width 32 and 128 at depth 2, each pretraining followed by fine-tuning and by linear
-probing, on the full Fashion-MNIST.
+r"""MAE decoder depth and width (MAE paper Table 1a and 1b), judged by probe-free measures
+of the frozen encoder, on the full Fashion-MNIST.
 
   python -m vit_jax.sweep --sweep=configs/sweeps/mae_decoder.py --workdir=runs/mae_decoder
 
-Budget as configs/sweeps/mae_mask_ratio.py (2 epochs of pretraining at mask ratio 0.75,
-1 of fine-tuning, 1 of probing): about an hour and a quarter of a 2-core CPU. 15 runs.
-The paper's finding: a deep decoder matters for linear probing (8 blocks: +8 points over
-1 block) and little for fine-tuning; width 512 is best among 128-1024.
+pretrain: MAE-mu/4 (encoder width 128, depth 4; mask 0.75) for PRETRAIN_EPOCHS epochs with
+  its own schedule and each decoder: depth 1 and 4 (width 64), seeds 0-2, the points the
+  verdict compares; depth 2 (the default) and widths 32 and 128 (depth 2), seed 0, shown
+  beside them. Each run ends with 20-NN top-1 and 1/5/10/25-shot linear accuracy of its
+  frozen encoder (fitted on the 60,000 training images, scored on the 10,000 test images).
+
+The paper: from 1 to 8 decoder blocks linear probing gains 8 points (65.5% -> 73.5%,
+ViT-L) and fine-tuning none (84.8% -> 84.9%); widths 128-1024 move probing by 4 points,
+best at 512 (half the encoder's width, as 64 is here). The budget is that of
+configs/sweeps/mae_mask_ratio.py, whose 2x run at mask 0.75 with this default decoder
+shows whether 20 epochs have flattened. Fine-tuning is not repeated per decoder (the paper
+finds it flat; ~22 min a run here). Cost on a 2-core CPU alone: ~17 min (depth 1) to
+~26 min (depth 4) a run, 9 runs, about 3.2 h over sittings.
 """
 
 from vit_jax import sweep
 
+PRETRAIN_EPOCHS = 20
+
 
 def get_sweep():
-  decoders = (sweep.product({'model.decoder_depth': [1, 2, 4]}) +
-              sweep.zipped({'model.decoder_width': [32, 128], 'model.decoder_mlp_dim': [128, 512]}))
-  return sweep.Sweep(
-      title='MAE decoder depth and width on Fashion-MNIST (MAE paper Table 1a/1b)',
-      stages=[sweep.Stage('pretrain', 'configs/fashion_mnist.py:mae,epochs=2', grid=decoders),
-              sweep.Stage('finetune', 'configs/fashion_mnist.py:finetune,epochs=1',
-                          overrides={'optim.warmup_epochs': 0.2}, init_from='pretrain'),
-              sweep.Stage('probe', 'configs/fashion_mnist.py:probe,epochs=1',
-                          overrides={'optim.warmup_epochs': 0.2}, init_from='pretrain')])
+  probe_free = {'fewshot.knn_k': 20, 'fewshot.shots': (1, 5, 10, 25),
+                'optim.warmup_epochs': PRETRAIN_EPOCHS / 10}
+  decoders = (sweep.product({'seed': [0, 1, 2], 'model.decoder_depth': [1, 4]}) +
+              [{'seed': 0, 'model.decoder_depth': 2}] +
+              sweep.zipped({'model.decoder_width': [32, 128], 'model.decoder_mlp_dim': [128, 512],
+                            'seed': [0, 0]}))
+  stages = [sweep.Stage('pretrain', f'configs/fashion_mnist.py:mae,epochs={PRETRAIN_EPOCHS}',
+                        overrides=probe_free, grid=decoders)]
+
+  def depth(blocks):
+    return sweep.Group('pretrain', {'model.decoder_depth': blocks})
+
+  claims = [
+      sweep.Claim('A deeper decoder gives better frozen features: 4 blocks beat 1 on 20-NN '
+                  'top-1 (He et al. 2022, Table 1a: +6.4 points of linear probing)',
+                  depth(4), depth(1), metric='last_eval/knn_top1'),
+      sweep.Claim('The same with 10-shot linear accuracy: 4 blocks beat 1',
+                  depth(4), depth(1), metric='last_eval/fewshot_10shot'),
+  ]
+  return sweep.Sweep(stages, claims=claims,
+                     title='MAE decoder depth and width on Fashion-MNIST (MAE paper Table 1a/1b)')
