@@ -161,6 +161,8 @@ def test_report_tables_hold_the_runs_numbers_and_seed_statistics(tmp_path):
   assert agg[1e-3]['last_eval/top1 std'] == pytest.approx(np.std([0.80, 0.84], ddof=1))
   assert agg[3e-3]['seeds'] == 1 and agg[3e-3]['last_eval/top1 mean'] == pytest.approx(0.70)
   assert '| 0.0010 | 2 | 0.8200 | 0.0283 |' in text
+  # One run has no spread: blank, not 0.
+  assert agg[3e-3]['last_eval/top1 std'] is None and '| 0.0030 | 1 | 0.7000 |  |' in text
   assert os.path.exists(tmp_path / 'train_base_lr.png')
 
 
@@ -192,10 +194,15 @@ def _claim_rows(a, b, *, stage_b='scratch'):
     ([0.9200, 0.9205, 0.9210], [0.9195, 0.9200, 0.9205], 'within', 'reproduced'),
     ([0.930, 0.931, 0.932], [0.910, 0.911, 0.912], 'within', 'not reproduced'),
     ([0.920, 0.935, 0.905], [0.915, 0.930, 0.900], 'within', 'inconclusive'),
+    # Doubling a budget (a) against the budget (b): a loss counts as flat, a gain does not.
+    ([0.910, 0.911, 0.912], [0.930, 0.931, 0.932], 'at_most', 'reproduced'),
+    ([0.9200, 0.9205, 0.9210], [0.9195, 0.9200, 0.9205], 'at_most', 'reproduced'),
+    ([0.930, 0.931, 0.932], [0.910, 0.911, 0.912], 'at_most', 'not reproduced'),
+    ([0.920, 0.935, 0.905], [0.915, 0.930, 0.900], 'at_most', 'inconclusive'),
 ])
 def test_claims_are_judged_by_the_interval_of_the_difference(a, b, kind, verdict):
   claim = sweep.Claim('a claim', sweep.Group('finetune'), sweep.Group('scratch'), kind=kind,
-                      margin=0.005 if kind == 'within' else 0.0)
+                      margin=0.0 if kind == 'greater' else 0.005)
   judged = sweep.judge(claim, _claim_rows(a, b))
   assert judged['verdict'] == verdict
   assert judged['difference'] == pytest.approx(np.mean(a) - np.mean(b))
@@ -247,6 +254,16 @@ def test_the_report_puts_the_verdicts_first_and_refuses_a_misspelt_group(tmp_pat
                                                 sweep.Group('scratch'))])
   with pytest.raises(ValueError, match=r"no run of stage 'finetune' has \{'seed': 3\}"):
     sweep.expand(bad, str(tmp_path))
+  # A group pools seeds only: one that takes in two points is refused.
+  two = [sweep.Stage('finetune', DEMO_FT, grid=sweep.product({'seed': [0, 1],
+                                                              'optim.base_lr': [1e-3, 2e-3]})),
+         stages[1]]
+  pooled = sweep.Claim('x', sweep.Group('finetune', {'seed': 0}), sweep.Group('scratch'))
+  with pytest.raises(ValueError, match=r"pools runs that differ in more than their seed"):
+    sweep.expand(sweep.Sweep(two, claims=[pooled]), str(tmp_path))
+  sweep.expand(sweep.Sweep(two, claims=[sweep.Claim(
+      'x', sweep.Group('finetune', {'optim.base_lr': 2e-3}), sweep.Group('scratch'))]),
+      str(tmp_path))
   # Numbers match by value: seed 1.0 is seed 1.
   one = sweep.Claim('x', sweep.Group('finetune', {'seed': 1.0}), sweep.Group('scratch'))
   sweep.expand(sweep.Sweep(stages, claims=[one]), str(tmp_path))

@@ -7,12 +7,16 @@ fine-tuned ViT on the 10,000 Fashion-MNIST test images.
 pretrain: MAE-mu/4 (0.8 M parameters, patch 4) on the 60,000 training images, no labels,
   100 epochs (10 of warm-up), keeping a checkpoint every 2,000 steps for the accuracy-
   against-hours curve (scripts/eval_checkpoints.py). One run: ~1.7 h.
-finetune: the classifier from it, FT epochs, seeds 0-2; finetune_2x: twice that, seed 0.
-scratch: the same classifier from a random start, SCRATCH epochs, seeds 0-2; scratch_2x:
-  twice that, seed 0.
+finetune: the classifier from it, FT epochs, seeds 0-2; finetune_half: half that, seeds
+  0-2: whether doubling the budget up to FT still gains half a point.
+scratch: the same classifier from a random start, SCRATCH epochs, seeds 0-2;
+  scratch_half: half that, seeds 0-2.
 The recipes are configs/fashion_mnist.py's (chosen on held-out training images by
-configs/sweeps/fashion_finetune_tune.py); the 2x runs show whether the budget has
-flattened.
+configs/sweeps/fashion_finetune_tune.py). The seeds vary the fine-tuning and the scratch
+training; all fine-tunings start from the one pretraining, so the verdict is about that
+pretraining and leaves its own seed-to-seed spread out (another 1.7 h a seed). Cost on a
+2-core CPU alone, beyond the pretraining: fine-tuning and scratch training ~130 s an epoch
+with the evaluations, 3 x (10 + 5 + 20 + 10) epochs: ~4.9 h over sittings.
 """
 
 from vit_jax import sweep
@@ -30,25 +34,27 @@ def get_sweep():
       pretrain,
       sweep.Stage('finetune', f'configs/fashion_mnist.py:finetune,epochs={FT_EPOCHS}',
                   init_from='pretrain', grid=sweep.product(SEEDS)),
-      sweep.Stage('finetune_2x', f'configs/fashion_mnist.py:finetune,epochs={2 * FT_EPOCHS}',
-                  init_from='pretrain', grid=[{'seed': 0}]),
+      sweep.Stage('finetune_half', f'configs/fashion_mnist.py:finetune,epochs={FT_EPOCHS // 2}',
+                  init_from='pretrain', grid=sweep.product(SEEDS)),
       sweep.Stage('scratch', f'configs/fashion_mnist.py:scratch,epochs={SCRATCH_EPOCHS}',
                   grid=sweep.product(SEEDS)),
-      sweep.Stage('scratch_2x', f'configs/fashion_mnist.py:scratch,epochs={2 * SCRATCH_EPOCHS}',
-                  grid=[{'seed': 0}]),
+      sweep.Stage('scratch_half',
+                  f'configs/fashion_mnist.py:scratch,epochs={SCRATCH_EPOCHS // 2}',
+                  grid=sweep.product(SEEDS)),
   ]
   half_point = 0.005
   claims = [
       sweep.Claim('MAE pretraining then fine-tuning beats the same ViT trained from scratch '
-                  '(He et al. 2022, section 4 and Table 3)',
+                  '(He et al. 2022, section 4 and Table 3; one pretraining, seeds of the '
+                  'fine-tuning)',
                   sweep.Group('finetune'), sweep.Group('scratch')),
-      sweep.Claim(f'Fine-tuning has flattened: {2 * FT_EPOCHS} epochs instead of {FT_EPOCHS} '
-                  'move top-1 by less than half a point',
-                  sweep.Group('finetune_2x'), sweep.Group('finetune'), kind='within',
+      sweep.Claim(f'Fine-tuning has flattened: {FT_EPOCHS} epochs instead of '
+                  f'{FT_EPOCHS // 2} gain less than half a point of top-1',
+                  sweep.Group('finetune'), sweep.Group('finetune_half'), kind='at_most',
                   margin=half_point),
-      sweep.Claim(f'Training from scratch has flattened: {2 * SCRATCH_EPOCHS} epochs instead '
-                  f'of {SCRATCH_EPOCHS} move top-1 by less than half a point',
-                  sweep.Group('scratch_2x'), sweep.Group('scratch'), kind='within',
+      sweep.Claim(f'Training from scratch has flattened: {SCRATCH_EPOCHS} epochs instead of '
+                  f'{SCRATCH_EPOCHS // 2} gain less than half a point of top-1',
+                  sweep.Group('scratch'), sweep.Group('scratch_half'), kind='at_most',
                   margin=half_point),
   ]
   return sweep.Sweep(stages, claims=claims,

@@ -208,9 +208,17 @@ def expand(sweep: Sweep, root: str) -> list[Member]:
       if unknown:
         raise ValueError(f'Claim {claim.text!r}: {unknown} are not swept in stage '
                          f'{group.stage!r} (swept: {sorted(swept)}).')
-      if not any(group.matches(m.values) for m in members[group.stage]):
+      matched = [m for m in members[group.stage] if group.matches(m.values)]
+      if not matched:
         raise ValueError(f'Claim {claim.text!r}: no run of stage {group.stage!r} has '
                          f'{group.values} (its runs: {[m.name for m in members[group.stage]]}).')
+      # A group pools seeds only: runs that differ in anything else are different points.
+      points = {tuple(sorted((k, repr(v)) for k, v in m.values.items() if k != 'seed'))
+                for m in matched}
+      if len(points) > 1:
+        raise ValueError(f'Claim {claim.text!r}: group {group.label()} pools runs that differ '
+                         f'in more than their seed ({[m.name for m in matched]}); give the '
+                         'values that tell them apart.')
   return [m for stage in sweep.stages for m in members[stage.name]]
 
 

@@ -79,7 +79,8 @@ def aggregate_seeds(rows: list[dict], swept: list[str]) -> list[dict]:
       values = [r[metric] for r in done if metric in r]
       if values:
         agg[f'{metric} mean'] = float(np.mean(values))
-        agg[f'{metric} std'] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        # One run has no spread: left blank rather than written as 0.
+        agg[f'{metric} std'] = float(np.std(values, ddof=1)) if len(values) > 1 else None
     out.append(agg)
   return out
 

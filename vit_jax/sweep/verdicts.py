@@ -7,7 +7,11 @@ values, pooled over their seeds, on one metric (the difference of the means, a -
       above zero, not reproduced when it lies at or below zero, else inconclusive;
   'within' (a and b differ by less than `margin`, e.g. doubling a budget moves top-1
       less than half a point): reproduced when the whole interval lies inside
-      (-margin, margin), not reproduced when it lies wholly outside, else inconclusive.
+      (-margin, margin), not reproduced when it lies wholly outside, else inconclusive;
+  'at_most' (a exceeds b by less than `margin`; a budget has flattened when twice it
+      gains less than half a point, a loss on doubling counting as flat): reproduced when
+      the interval's upper end lies below margin, not reproduced when its lower end lies
+      at or above it, else inconclusive.
 
 The interval is Welch's: the difference +- t * sqrt(var_a / n_a + var_b / n_b), t the
 two-sided 95% quantile of Student's t with the Welch-Satterthwaite degrees of freedom
@@ -62,8 +66,9 @@ class Claim:
     text: the claim in words, with its source ('MAE pretraining beats training from
       scratch (He et al. 2022, Table 3)').
     a, b: the groups compared; the difference is a - b.
-    kind: 'greater' (a > b) or 'within' (|a - b| < margin).
-    margin: for 'within', in the metric's units (0.005 is half a point of top-1).
+    kind: 'greater' (a > b), 'within' (|a - b| < margin) or 'at_most' (a - b < margin).
+    margin: for 'within' and 'at_most', in the metric's units (0.005 is half a point of
+      top-1).
     metric: a column of the results ('last_eval/top1', 'last_eval/fewshot_5shot', ...).
   """
   text: str
@@ -74,10 +79,11 @@ class Claim:
   metric: str = 'last_eval/top1'
 
   def __post_init__(self):
-    if self.kind not in ('greater', 'within'):
-      raise ValueError(f"Claim {self.text!r}: kind={self.kind!r} is not 'greater' or 'within'.")
-    if self.kind == 'within' and self.margin <= 0:
-      raise ValueError(f"Claim {self.text!r}: kind='within' needs a margin > 0.")
+    if self.kind not in ('greater', 'within', 'at_most'):
+      raise ValueError(f"Claim {self.text!r}: kind={self.kind!r} is not 'greater', 'within' "
+                       "or 'at_most'.")
+    if self.kind != 'greater' and self.margin <= 0:
+      raise ValueError(f"Claim {self.text!r}: kind={self.kind!r} needs a margin > 0.")
 
 
 def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, str]:
@@ -117,6 +123,9 @@ def judge(claim: Claim, rows: list[dict]) -> dict:
     verdict = 'inconclusive'
   elif claim.kind == 'greater':
     verdict = 'reproduced' if low > 0 else 'not reproduced' if high <= 0 else 'inconclusive'
+  elif claim.kind == 'at_most':
+    verdict = ('reproduced' if high < claim.margin else
+               'not reproduced' if low >= claim.margin else 'inconclusive')
   else:
     inside = -claim.margin < low and high < claim.margin
     outside = low >= claim.margin or high <= -claim.margin
@@ -133,7 +142,8 @@ def judge(claim: Claim, rows: list[dict]) -> dict:
 
   interval = ('' if math.isnan(half) else
               f' \u00b1 {spread(half)} (95% interval)')
-  margin = (f'; margin \u00b1{spread(claim.margin)}' if claim.kind == 'within' else '')
+  margin = {'within': f'; margin \u00b1{spread(claim.margin)}',
+            'at_most': f'; margin +{spread(claim.margin)}'}.get(claim.kind, '')
   out['line'] = (f'**{verdict.capitalize()}**: {claim.text}. {claim.metric.replace("last_", "")}: '
                  f'{group(claim.a, a)} against {group(claim.b, b)}: {delta(diff)}{interval}'
                  f'{margin}.' + (f' ({note}.)' if note else ''))
