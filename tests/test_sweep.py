@@ -166,6 +166,23 @@ def test_report_tables_hold_the_runs_numbers_and_seed_statistics(tmp_path):
   assert os.path.exists(tmp_path / 'train_base_lr.png')
 
 
+def test_a_one_factor_grid_shows_its_base_run_with_the_values_it_ran(tmp_path):
+  # The base run sweeps nothing: the table and the lr plot take its config's values
+  # (the demo's lr 1e-3, layer decay 0.75); the run that sweeps the layer decay does not
+  # join the lr plot.
+  stage = sweep.Stage('train', DEMO_FT, overrides={'optim.weight_decay': 0.2},
+                      grid=[{}, {'optim.base_lr': 2e-3}, {'optim.layer_decay': 0.65}])
+  spec = sweep.Sweep([stage], title='one factor at a time')
+  members = sweep.expand(spec, str(tmp_path))
+  for m, top1 in zip(members, (0.80, 0.84, 0.78)):
+    _write_run(m.workdir, steps=100, evals=[(100, top1, 0.5)])
+  written = sweep.report(spec, members, {m.label: 100 for m in members}, str(tmp_path))
+  base, lr, decay = written['rows']
+  assert (base['optim.base_lr'], base['optim.layer_decay']) == (1e-3, 0.75)
+  assert 'optim.layer_decay' not in lr and 'optim.base_lr' not in decay
+  assert '| 0.0010 | 0.7500 | done |' in (tmp_path / 'results.md').read_text()
+
+
 def test_welch_interval_matches_scipys_welch_test():
   from scipy import stats
   a, b = [0.921, 0.930, 0.942], [0.905, 0.911, 0.926]

@@ -29,6 +29,10 @@ def plot_metric(rows: list[dict], key: str, metric: str, path: str, title: str) 
   ax.plot([x for x, _ in points], [y for _, y in points], 'o', color='0.6', ms=4)
   ax.errorbar(xs, [np.mean(g) for g in groups], yerr=[_std(g) for g in groups], fmt='-o',
               color='C0', capsize=3)
+  if xs[0] > 0 and xs[-1] / xs[0] >= 8:  # learning rates and the like: equal ratios apart
+    ax.set_xscale('log')
+    ax.set_xticks(xs, [f'{x:g}' for x in xs])
+    ax.minorticks_off()
   ax.set_xlabel(key)
   ax.set_ylabel(metric.replace('last_', ''))
   ax.set_title(title)

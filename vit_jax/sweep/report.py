@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from vit_jax import metrics
-from vit_jax.sweep.grid import Member, Sweep, key_labels
+from vit_jax.sweep.grid import Member, Sweep, key_labels, member_config
 from vit_jax.sweep.plots import plot_metric, plot_scaling
 from vit_jax.sweep.runner import (SHARED_SLOWDOWN, _record, read_metrics, read_steps_alone,
                                   shared_machine, step_key)
@@ -62,6 +62,26 @@ def main_metric(rows: list[dict]) -> str:
   return 'last_eval/top1' if 'last_eval/top1' in keys else 'last_eval/loss'
 
 
+def fill_base_values(rows: list[dict], members: list[Member]) -> None:
+  """Writes into each stage's base runs (those that sweep nothing but the seed) the values
+  their config gives the keys the stage's other runs sweep, so that a one-factor-at-a-time
+  grid's table shows the base run's learning rate and its plots include the base point."""
+  for row, member in zip(rows, members):
+    if any(k != 'seed' for k in member.values):
+      continue
+    swept = {k for m in members if m.stage.name == member.stage.name for k in m.values}
+    config = None
+    for key in sorted(swept - set(member.values) - {'seed'}):
+      config = config or member_config(member)
+      node = config
+      for part in key.split('.'):
+        node = node[part] if part in node else None
+        if node is None:
+          break
+      if isinstance(node, (int, float, str, bool)):
+        row[key] = node
+
+
 def aggregate_seeds(rows: list[dict], swept: list[str]) -> list[dict]:
   """Mean and standard deviation over seeds of the numeric results, per stage and values."""
   groups: dict[tuple, list[dict]] = {}
@@ -104,6 +124,7 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
   """Writes results.csv, results.md and the PNG plots; returns what it wrote."""
   alone = read_steps_alone(root)
   rows = [summarize(m, steps[m.label], alone.get(step_key(m))) for m in members]
+  fill_base_values(rows, members)
   swept = list(dict.fromkeys(k for m in members for k in m.values))
   result_keys = list(dict.fromkeys(
       k for r in rows for k in r if k not in swept and k not in ('stage', 'name')))
