@@ -2,7 +2,7 @@ r"""Accuracy against training hours of an MAE pretraining and the fine-tunings s
 
   python scripts/headline_curve.py --pretrain=runs/mae_vs_scratch/pretrain/base \
       --checkpoints=docs/results/headline/pretraining_checkpoints.json \
-      --finetune=runs/mae_vs_scratch/finetune_long/base --target=0.94 \
+      --finetune=runs/mae_vs_scratch/finetune/seed=0 --target=0.94 \
       --output_dir=docs/results/headline
 
 Pretraining: the k-NN and few-shot accuracy of its kept checkpoints
