@@ -3,8 +3,8 @@ r"""The papers' recipes at small scale on the full Fashion-MNIST (60,000 + 10,00
 The studies of configs/sweeps/ start from these: the demo recipes of mae_pretrain.py,
 mae_finetune.py and linear_probe.py (a 0.8 M-parameter ViT, patch 4 on the 28x28
 images: 49 patches) on the whole training set, evaluated on the 10,000 test images, with
-every key that a study sweeps written out; fine-tuning takes the values chosen on held-out
-training images (FINETUNE below). Prepare the data once:
+every key that a study sweeps written out; fine-tuning and training from scratch take the
+values chosen on held-out training images (FINETUNE below). Prepare the data once:
 
   apt-get install dataset-fashion-mnist
   python scripts/prepare_dataset.py --dataset=fashion_mnist
@@ -75,8 +75,12 @@ def get_config(arg=None):
   if arg.variant == 'mae':
     return config
   config.eval_every_steps = train_examples // config.global_batch_size  # about every epoch
-  if arg.variant == 'finetune':
+  if arg.variant in ('finetune', 'scratch'):
     config.update_from_flattened_dict(FINETUNE)
-  if arg.variant == 'scratch':  # the demo's values until the sweep's scratch stage has run
+  if arg.variant == 'scratch':
+    # Training from scratch, chosen by the same sweep's `scratch` stage (10 epochs on
+    # train[:54000], no layer decay, the rest as fine-tuning): base lr 1e-3 84.18%,
+    # 2e-3 84.20%, 4e-3 82.23%. 2e-3, so that the two arms of MAE against scratch differ
+    # only in their start and the layer decay.
     config.optim.layer_decay = 1.0
   return config
