@@ -36,8 +36,9 @@ timing that config's step, and compares the loop's images/s, the median of its l
 intervals after the first (which holds the compile), with the step's alone run back to
 back (`--steps` steps, at most two in flight, as the loop dispatches them): what the loop
 pays for reading, decoding and augmenting images, moving them to the devices and the
-host's work between steps. One step at a time after idle CPUs runs about 3% faster on
-the 2-core CPU than the same steps back to back, which no loop reaches; both are shown.
+host's work between steps. One step at a time runs faster on the 2-core CPU than the
+same steps back to back (about 3%, and 7-19% after idle CPUs), which no loop reaches;
+both are shown.
 
 Memory: XLA's memory analysis of the compiled step (arguments + outputs + temporaries -
 donated aliases, per device), the growth of the process's peak RSS during the row (CPU),
