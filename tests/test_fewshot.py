@@ -55,6 +55,28 @@ def test_shots_are_that_many_per_class_and_fixed_by_the_seed():
     fewshot.select_shots(np.array([0] * 5 + [1] * 5 + [2]), 5, 3)
 
 
+def test_a_draw_of_more_shots_holds_the_draw_of_fewer():
+  labels = np.random.default_rng(3).integers(0, 4, 200)
+  for seed in range(3):
+    chosen = {k: set(fewshot.select_shots(labels, k, 4, seed=seed)) for k in fewshot.SHOTS}
+    assert chosen[1] <= chosen[5] <= chosen[10] <= chosen[25]
+
+
+def test_the_accuracy_is_the_mean_over_draws():
+  # Classes that overlap: one shot per class gets a different share right in each draw.
+  train, train_labels = clustered(5, 40, 8, spread=8.0, seed=5, noise_seed=6)
+  test, test_labels = clustered(5, 200, 8, spread=8.0, seed=5, noise_seed=7)
+  def accuracy(seed, draws):
+    return fewshot.fewshot_accuracy(train, train_labels, test, test_labels, shots=1,
+                                    num_classes=5, seed=seed, draws=draws)
+  single = [accuracy(seed, 1) for seed in (2, 3, 4)]
+  assert max(single) - min(single) > 0.02  # the draws differ, so the mean is not one of them
+  assert accuracy(2, 3) == pytest.approx(np.mean(single), abs=1e-12)
+  assert fewshot.DRAWS == 3  # big_vision's num_seeds
+  with pytest.raises(ValueError, match='draws=0'):
+    accuracy(0, 0)
+
+
 def unit(angle_degrees):
   angle = np.radians(angle_degrees)
   return np.array([np.cos(angle), np.sin(angle)])

@@ -106,8 +106,9 @@ def base_config(objective: str = 'classification') -> ml_collections.ConfigDict:
   # as eval/fewshot_<k>shot, and k-NN accuracy with this k (0: off; 20 is the usual
   # monitor of MAE pretraining) as eval/knn_top1. Both fit on the images of train_split
   # ('': data.train_split), read with the evaluation transform, and score the eval split.
+  # Few-shot accuracy is the mean over `draws` draws of shots (seeds seed, seed + 1, ...).
   config.fewshot = ml_collections.ConfigDict(dict(
-      shots=(), knn_k=0, train_split='', l2_reg=2.0**10, seed=0))
+      shots=(), knn_k=0, train_split='', l2_reg=2.0**10, seed=0, draws=3))
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.keep_checkpoint_every_steps = 0  # > 0: also keep every such step

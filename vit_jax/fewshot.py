@@ -4,7 +4,10 @@ Few-shot linear accuracy is the ViT paper's measure in its scaling figures (as i
 big_vision's fewshot evaluator): take `shots` training images per class, standardise
 their features (the training shots' mean and standard deviation, applied to the test
 features too), and fit a ridge regression onto targets in {-1, +1} (one column per
-class) in closed form; a test image's class is the column with the largest output.
+class) in closed form; a test image's class is the column with the largest output. A
+draw orders each class's training images at random and takes the first `shots`, so one
+draw's 5 shots contain its 1 shot; the accuracy is the mean over `draws` draws (big_vision
+reports 3), which shrinks the spread that one draw of a few images brings.
 
 k-NN accuracy is the usual monitor of self-supervised training (InstDisc, DINO): each
 test image votes among its k most cosine-similar training images, each vote weighted by
@@ -19,19 +22,21 @@ import numpy as np
 
 SHOTS = (1, 5, 10, 25)  # big_vision's few-shot counts
 L2_REG = 2.0 ** 10  # big_vision's default ridge strength on standardised features
+DRAWS = 3  # draws of shots averaged, as big_vision's num_seeds
 
 
 def select_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int = 0) -> np.ndarray:
-  """Indices of `shots` examples of each class (a seeded draw; the same for a seed).
+  """Indices of `shots` examples of each class: the first `shots` of each class's examples
+  in an order fixed by `seed`, so a seed's draws are nested (more shots add examples).
 
   Raises ValueError when a class has fewer examples than `shots`."""
   rng = np.random.default_rng(seed)
   chosen = []
   for label in range(num_classes):
-    members = np.flatnonzero(labels == label)
+    members = rng.permutation(np.flatnonzero(labels == label))
     if len(members) < shots:
       raise ValueError(f'class {label} has {len(members)} examples, fewer than {shots} shots.')
-    chosen.append(rng.choice(members, size=shots, replace=False))
+    chosen.append(members[:shots])
   return np.sort(np.concatenate(chosen))
 
 
@@ -51,16 +56,25 @@ def ridge_weights(features: np.ndarray, targets: np.ndarray, l2_reg: float) -> n
 
 def fewshot_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
                      test_features: np.ndarray, test_labels: np.ndarray, *, shots: int,
-                     num_classes: int, l2_reg: float = L2_REG, seed: int = 0) -> float:
+                     num_classes: int, l2_reg: float = L2_REG, seed: int = 0,
+                     draws: int = DRAWS) -> float:
   """Accuracy on the test features of a ridge classifier fit on `shots` training
-  examples per class (see the module's docstring)."""
-  chosen = select_shots(np.asarray(train_labels), shots, num_classes, seed)
-  x = np.asarray(train_features, np.float64)[chosen]
-  mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5
-  targets = 2.0 * np.eye(num_classes)[np.asarray(train_labels)[chosen]] - 1.0
-  weights = ridge_weights((x - mean) / std, targets, l2_reg)
-  outputs = ((np.asarray(test_features, np.float64) - mean) / std) @ weights
-  return float(np.mean(outputs.argmax(axis=1) == np.asarray(test_labels)))
+  examples per class, the mean over draws seeded seed, seed + 1, ... (see the module's
+  docstring)."""
+  if draws < 1:
+    raise ValueError(f'draws={draws}: at least one draw of shots is needed.')
+  train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+  test_features = np.asarray(test_features, np.float64)
+  accuracies = []
+  for draw in range(draws):
+    chosen = select_shots(train_labels, shots, num_classes, seed + draw)
+    x = np.asarray(train_features)[chosen].astype(np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5
+    targets = 2.0 * np.eye(num_classes)[train_labels[chosen]] - 1.0
+    weights = ridge_weights((x - mean) / std, targets, l2_reg)
+    outputs = ((test_features - mean) / std) @ weights
+    accuracies.append(np.mean(outputs.argmax(axis=1) == test_labels))
+  return float(np.mean(accuracies))
 
 
 def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,

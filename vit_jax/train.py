@@ -74,10 +74,13 @@ class FeatureProbe:
     self.knn_k = int(probe.knn_k)
     self.train_split = probe.train_split or config.data.train_split
     self.l2_reg, self.seed = float(probe.l2_reg), int(probe.seed)
-    if any(k < 1 for k in self.shots) or self.knn_k < 0 or self.l2_reg < 0:
-      raise ValueError(f'fewshot: shots={self.shots} must be positive, knn_k={self.knn_k} 0 '
-                       f'(off) or positive and l2_reg={self.l2_reg} non-negative; e.g. '
-                       '--config.fewshot.shots="(1, 5, 10, 25)" --config.fewshot.knn_k=20.')
+    self.draws = int(probe.get('draws', fewshot.DRAWS))
+    if (any(k < 1 for k in self.shots) or self.knn_k < 0 or self.l2_reg < 0
+        or self.draws < 1):
+      raise ValueError(f'fewshot: shots={self.shots} and draws={self.draws} must be positive, '
+                       f'knn_k={self.knn_k} 0 (off) or positive and l2_reg={self.l2_reg} '
+                       'non-negative; e.g. --config.fewshot.shots="(1, 5, 10, 25)" '
+                       '--config.fewshot.knn_k=20.')
     self.enabled = bool(self.shots or self.knn_k)
     self.config, self.model, self.mesh = config, model, mesh
     self.num_classes = info.num_classes
@@ -113,7 +116,7 @@ class FeatureProbe:
     for shots in self.shots:
       results[f'{prefix}/fewshot_{shots}shot'] = fewshot.fewshot_accuracy(
           *train, *test, shots=shots, num_classes=self.num_classes, l2_reg=self.l2_reg,
-          seed=self.seed)
+          seed=self.seed, draws=self.draws)
     if self.knn_k:
       results[f'{prefix}/knn_top1'] = fewshot.knn_accuracy(
           *train, *test, num_classes=self.num_classes, k=self.knn_k)
