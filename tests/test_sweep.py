@@ -428,7 +428,7 @@ def test_a_tiny_sweep_end_to_end_with_a_failing_member_then_rerun(tmp_path):
   # the finished runs' rows hold that rate beside their own.
   with open(root / sweep.ALONE) as f:
     alone = json.load(f)
-  assert len(alone) == 2 and all(rate > 0 for rate in alone.values())
+  assert len(alone) == 2 and all(rates['back_to_back'] > 0 for rates in alone.values())
   assert 'not measured: ' in first.stdout
   assert all(float(r['images_per_sec_alone']) > 0 for r in rows[:2])
   finetune_log = (root / 'finetune' / 'base_lr=0.001,num_heads=2' / 'log.txt').read_text()
@@ -519,8 +519,8 @@ def test_runs_slower_than_their_step_alone_are_marked_as_run_on_a_shared_machine
   alone = {sweep.step_key(m): 1000.0 if m.values['model.width'] == 32 else 600.0
            for m in members}
   assert len(alone) == 2
-  with open(tmp_path / sweep.ALONE, 'w') as f:
-    json.dump(alone, f)
+  with open(tmp_path / sweep.ALONE, 'w') as f:  # one at a time is faster: not the reference
+    json.dump({k: {'back_to_back': v, 'one_at_a_time': 1.15 * v} for k, v in alone.items()}, f)
   # The loops' rates: 20% and 23% below alone are not marked, 30% and 50% below are.
   rates = {(32, 0): 800.0, (32, 1): 700.0, (64, 0): 460.0, (64, 1): 300.0}
   for m in members:
@@ -532,8 +532,8 @@ def test_runs_slower_than_their_step_alone_are_marked_as_run_on_a_shared_machine
   assert marks == {(32, 0): ('no', 1000.0), (32, 1): ('yes', 1000.0),
                    (64, 0): ('no', 600.0), (64, 1): ('yes', 600.0)}
   text = (tmp_path / 'results.md').read_text()
-  assert ('**Ran on a shared machine** (median images/s more than 25% below the same step '
-          'alone, images_per_sec_alone): width=32,seed=1, width=64,seed=1.') in text
+  assert ('**Ran on a shared machine** (median images/s more than 25% below the same steps '
+          'alone back to back, images_per_sec_alone): width=32,seed=1, width=64,seed=1.') in text
   assert sweep.shared_machine(740.0, 1000.0) and not sweep.shared_machine(760.0, 1000.0)
   # Without a measurement nothing is marked.
   (tmp_path / sweep.ALONE).unlink()
@@ -555,6 +555,19 @@ def test_the_step_alone_is_measured_once_per_step(tmp_path, monkeypatch):
   assert list(alone) == [sweep.step_key(members[0])] and alone[sweep.step_key(members[0])] > 0
   assert sweep.read_steps_alone(str(tmp_path)) == alone
   assert sum(line.startswith('The step alone: ') for line in lines) == 1
+  with open(tmp_path / sweep.ALONE) as f:
+    stored = json.load(f)[sweep.step_key(members[0])]
+  assert stored['back_to_back'] == alone[sweep.step_key(members[0])]
+  assert stored['one_at_a_time'] > 0
   # Measured once: a rerun of the sweep reads it back and runs nothing.
   monkeypatch.setattr(subprocess, 'run', lambda *a, **k: pytest.fail('measured again'))
   assert sweep.measure_steps_alone(members, str(tmp_path), {}, log=lines.append) == alone
+  # An older sweep's entry (a bare number: one step at a time) is not read, and measured
+  # again.
+  with open(tmp_path / sweep.ALONE, 'w') as f:
+    json.dump({sweep.step_key(members[0]): 1e6}, f)
+  assert sweep.read_steps_alone(str(tmp_path)) == {}
+  monkeypatch.undo()
+  again = sweep.measure_steps_alone(members, str(tmp_path), {m.label: 10 for m in members},
+                                    log=lines.append)
+  assert 0 < again[sweep.step_key(members[0])] < 1e6

@@ -16,7 +16,8 @@ from vit_jax.sweep.verdicts import judge
 
 def summarize(member: Member, steps: int, alone: float | None = None) -> dict:
   """One row of results: the member's swept values and final numbers; with `alone` (the
-  images/s of its step alone on the machine), whether it ran on a shared machine."""
+  images/s of its steps alone on the machine, back to back), whether it ran on a shared
+  machine."""
   rows = read_metrics(member.workdir)
   train_rows = [r for r in rows if 'train/loss' in r]
   eval_rows = [r for r in rows if any(k.startswith('eval/') for k in r)]
@@ -146,7 +147,8 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
   shared = [r['name'] for r in rows if r.get('shared_machine') == 'yes']
   if shared:
     lines += [f'**Ran on a shared machine** (median images/s more than '
-              f'{SHARED_SLOWDOWN:.0%} below the same step alone, images_per_sec_alone): '
+              f'{SHARED_SLOWDOWN:.0%} below the same steps alone back to back, '
+              'images_per_sec_alone): '
               f'{", ".join(shared)}. Their times are not this machine\'s; rerun them alone.', '']
   if done:
     hours = sum(r.get('wall_clock_s', 0.0) for r in rows) / 3600

@@ -131,7 +131,7 @@ def run(members: list[Member], steps: dict, log=print) -> list[str]:
 
 # ------------------------------------------------------------- the step alone
 
-ALONE = 'step_alone.json'  # in the sweep's workdir: {step_key: images/s of the step alone}
+ALONE = 'step_alone.json'  # in the sweep's workdir: {step_key: {measure: images/s}}
 # Overrides that change what a step computes, and so its speed.
 SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size', 'grad_accum_steps',
               'mesh', 'sharding_rules')
@@ -150,7 +150,7 @@ def step_key(member: Member) -> str:
   return ' '.join([member.stage.config] + _speed_flags(member))
 
 
-def read_steps_alone(root: str) -> dict:
+def _read_alone_file(root: str) -> dict:
   path = os.path.join(root, ALONE)
   if not os.path.exists(path):
     return {}
@@ -158,18 +158,29 @@ def read_steps_alone(root: str) -> dict:
     return json.load(f)
 
 
+def read_steps_alone(root: str) -> dict:
+  """{step_key: images/s of the step alone, run back to back as a loop runs it}. Entries
+  of older sweeps (a bare number: the best single step after idle CPUs, 7-19% above what
+  back-to-back steps sustain) are left out, so that they are measured again."""
+  return {key: rates['back_to_back'] for key, rates in _read_alone_file(root).items()
+          if isinstance(rates, dict)}
+
+
 def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log=print) -> dict:
-  """The images/s of each member's training step alone on this machine (the best of 10
-  timed steps of scripts/benchmark.py on its config), once per step_key, kept in
-  ROOT/step_alone.json; run it while nothing else is running. A step that fails to
-  compile is left out (its run reports the error); nothing is measured where the script
-  is not there (an installed package without the repository's scripts/)."""
+  """The images/s of each member's training step alone on this machine, once per
+  step_key: 20 steps of scripts/benchmark.py on its config run back to back (at most two
+  in flight, as the loop runs them, with no input pipeline), kept in ROOT/step_alone.json
+  beside the best of the same steps timed one at a time. Run it while nothing else is
+  running. A step that fails to compile is left out (its run reports the error); nothing
+  is measured where the script is not there (an installed package without the
+  repository's scripts/)."""
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), 'scripts', 'benchmark.py')
   alone = read_steps_alone(root)
   if not os.path.exists(script):
     log(f'Not measuring the steps alone: {script} is not there.')
     return alone
+  stored = {k: v for k, v in _read_alone_file(root).items() if isinstance(v, dict)}
   for member in members:
     key = step_key(member)
     if key in alone:
@@ -179,20 +190,25 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
       output = os.path.join(tmp, 'rows.jsonl')
       command = ([sys.executable, script, f'--config={member.stage.config}',
                   *_speed_flags(member), f'--num_classes={num_classes[member.label]}',
-                  '--steps=10', '--warmup=3', f'--output={output}'])
+                  '--steps=20', '--warmup=3', f'--output={output}'])
       result = subprocess.run(command, capture_output=True, text=True, check=False)
       if result.returncode:  # the run will say what is wrong; its speed stays unknown
         log(f'  not measured: {_error_line(result.stderr or result.stdout)}')
         continue
       with open(output) as f:
-        alone[key] = json.loads(f.readline())['images_per_s']
+        row = json.loads(f.readline())
+    stored[key] = {'back_to_back': row['images_per_s_sustained'],
+                   'one_at_a_time': row['images_per_s']}
+    alone[key] = stored[key]['back_to_back']
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ALONE), 'w') as f:
-      json.dump(alone, f, indent=1)
-    log(f'  {alone[key]:.1f} images/s')
+      json.dump(stored, f, indent=1)
+    log(f'  {alone[key]:.1f} images/s back to back ({stored[key]["one_at_a_time"]:.1f} '
+        'one step at a time)')
   return alone
 
 
 def shared_machine(images_per_sec: float, alone: float) -> bool:
-  """Whether a run's median images/s is more than SHARED_SLOWDOWN below its step alone."""
+  """Whether a run's median images/s is more than SHARED_SLOWDOWN below its step alone
+  (back to back)."""
   return images_per_sec < (1 - SHARED_SLOWDOWN) * alone
