@@ -89,7 +89,9 @@ def main(argv):
     with open(_OUTPUT.value, 'w') as f:
       json.dump({'workdir': workdir, 'train_split': probe.train_split,
                  'eval_split': config.data.eval_split, 'knn_k': probe.knn_k,
-                 'shots': list(probe.shots), 'rows': rows}, f, indent=1)
+                 'shots': list(probe.shots), 'fewshot_draws': probe.draws,
+                 'fewshot_seed': probe.seed, 'fewshot_l2_reg': probe.l2_reg,
+                 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

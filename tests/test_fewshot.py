@@ -172,6 +172,9 @@ def test_a_run_reports_the_probe_free_measures_of_its_features(name, tmp_path):
       capture_output=True, text=True, check=False, timeout=300,
       env={**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
   assert result.returncode == 0, result.stderr[-3000:]
-  (row,) = json.loads(output.read_text())['rows']
+  written = json.loads(output.read_text())
+  assert (written['fewshot_draws'], written['fewshot_seed'], written['fewshot_l2_reg']) == (
+      3, 0, 2.0 ** 10)
+  (row,) = written['rows']
   assert row['step'] == 3 and row['train_hours'] > 0
   assert {n: row[n] for n in names} == pytest.approx({n: final[n] for n in names}, abs=1e-9)

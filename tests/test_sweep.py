@@ -535,6 +535,14 @@ def test_runs_slower_than_their_step_alone_are_marked_as_run_on_a_shared_machine
   assert ('**Ran on a shared machine** (median images/s more than 25% below the same steps '
           'alone back to back, images_per_sec_alone): width=32,seed=1, width=64,seed=1.') in text
   assert sweep.shared_machine(740.0, 1000.0) and not sweep.shared_machine(760.0, 1000.0)
+  assert 'older version' not in text
+  # Entries an older version wrote (bare numbers) are not compared, and the page says so.
+  with open(tmp_path / sweep.ALONE, 'w') as f:
+    json.dump({k: 0.5 * v for k, v in alone.items()}, f)
+  rows = sweep.report(spec, members, {m.label: 100 for m in members}, str(tmp_path))['rows']
+  assert all('shared_machine' not in r for r in rows)
+  assert ('2 steps of step_alone.json were timed by an older version'
+          in (tmp_path / 'results.md').read_text())
   # Without a measurement nothing is marked.
   (tmp_path / sweep.ALONE).unlink()
   rows = sweep.report(spec, members, {m.label: 100 for m in members}, str(tmp_path))['rows']
@@ -567,7 +575,10 @@ def test_the_step_alone_is_measured_once_per_step(tmp_path, monkeypatch):
   with open(tmp_path / sweep.ALONE, 'w') as f:
     json.dump({sweep.step_key(members[0]): 1e6}, f)
   assert sweep.read_steps_alone(str(tmp_path)) == {}
+  assert sweep.old_steps_alone(str(tmp_path)) == 1
   monkeypatch.undo()
   again = sweep.measure_steps_alone(members, str(tmp_path), {m.label: 10 for m in members},
                                     log=lines.append)
   assert 0 < again[sweep.step_key(members[0])] < 1e6
+  assert sweep.read_steps_alone(str(tmp_path)) == again  # rewritten in the new form
+  assert sweep.old_steps_alone(str(tmp_path)) == 0

@@ -9,8 +9,8 @@ import numpy as np
 from vit_jax import metrics
 from vit_jax.sweep.grid import Member, Sweep, key_labels, member_config
 from vit_jax.sweep.plots import plot_metric, plot_scaling
-from vit_jax.sweep.runner import (SHARED_SLOWDOWN, _record, read_metrics, read_steps_alone,
-                                  shared_machine, step_key)
+from vit_jax.sweep.runner import (SHARED_SLOWDOWN, _record, old_steps_alone, read_metrics,
+                                  read_steps_alone, shared_machine, step_key)
 from vit_jax.sweep.verdicts import judge
 
 
@@ -150,6 +150,11 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
               f'{SHARED_SLOWDOWN:.0%} below the same steps alone back to back, '
               'images_per_sec_alone): '
               f'{", ".join(shared)}. Their times are not this machine\'s; rerun them alone.', '']
+  old = old_steps_alone(root)
+  if old:
+    lines += [f'{old} steps of step_alone.json were timed by an older version (one step at a '
+              'time) and are not compared: run the sweep\'s command without --report, with '
+              'nothing else running, to time them back to back.', '']
   if done:
     hours = sum(r.get('wall_clock_s', 0.0) for r in rows) / 3600
     lines += [f'Wall-clock of the finished runs: {hours:.2f} h, one run after another, on '

@@ -160,10 +160,16 @@ def _read_alone_file(root: str) -> dict:
 
 def read_steps_alone(root: str) -> dict:
   """{step_key: images/s of the step alone, run back to back as a loop runs it}. Entries
-  of older sweeps (a bare number: the best single step after idle CPUs, 7-19% above what
-  back-to-back steps sustain) are left out, so that they are measured again."""
+  of older sweeps (a bare number: the best of 10 steps timed one at a time, 5-15% above
+  what the same steps sustain back to back) are left out, so that they are measured
+  again (old_steps_alone counts them)."""
   return {key: rates['back_to_back'] for key, rates in _read_alone_file(root).items()
           if isinstance(rates, dict)}
+
+
+def old_steps_alone(root: str) -> int:
+  """How many entries of ROOT/step_alone.json an older sweep wrote (see read_steps_alone)."""
+  return sum(not isinstance(rates, dict) for rates in _read_alone_file(root).values())
 
 
 def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log=print) -> dict:
