@@ -11,9 +11,16 @@ run's eval/top1 at its evaluations, at its own hours plus the pretraining's up t
 checkpoint it started from (its init.path). Hours are training (metrics.training_seconds:
 step time times steps, without compiles and evaluations). Writes curve.png and
 curve.json (every point, the best top-1 and the hours it took) into --output_dir.
+
+Where the finished fine-tunings have two or more budgets (config num_epochs, e.g. the
+20- and 40-epoch stages of mae_vs_scratch), the final top-1 of each budget's runs is
+averaged and fitted as a + b log2(epochs): b is the gain of a doubling, and the fit at
+twice the largest budget is what another doubling would give if the gains do not shrink
+(they usually do, so it is an upper estimate). Give only finished runs.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -52,6 +59,30 @@ def start_hours(finetune: str, pretrain_logged: list) -> float:
   return pretrain_logged[-1][1] / 3600
 
 
+def doubling(finals: dict) -> dict | None:
+  """{epochs: [final top-1 of each run]} -> the budgets' means, the gain of a doubling of
+  the budget (a least-squares fit of the means against log2(epochs)) and the fit at twice
+  the largest budget; None with fewer than two budgets."""
+  if len(finals) < 2:
+    return None
+  budgets = sorted(finals)
+  means = [sum(finals[e]) / len(finals[e]) for e in budgets]
+  x = [math.log2(e) for e in budgets]
+  x_mean, y_mean = sum(x) / len(x), sum(means) / len(means)
+  gain = (sum((a - x_mean) * (b - y_mean) for a, b in zip(x, means))
+          / sum((a - x_mean) ** 2 for a in x))
+  return {'budgets': [{'epochs': e, 'runs': len(finals[e]), 'mean_top1': m}
+                      for e, m in zip(budgets, means)],
+          'gain_per_doubling': gain, 'next_epochs': 2 * budgets[-1],
+          'projected_top1': y_mean + gain * (math.log2(2 * budgets[-1]) - x_mean)}
+
+
+def run_epochs(workdir: str) -> float | None:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    epochs = json.load(f).get('num_epochs')
+  return float(epochs) if epochs else None
+
+
 def main(argv):
   del argv
   pretrain_logged = metrics.training_seconds(metrics.read_metrics(_PRETRAIN.value))
@@ -66,12 +97,19 @@ def main(argv):
     checkpoints, knn_k = probed['rows'], probed.get('knn_k')
   runs = {path: eval_curve(path, start_hours(path, pretrain_logged))
           for path in _FINETUNE.value}
+  finals = {}
+  for path, curve in runs.items():
+    epochs = run_epochs(path)
+    if curve and epochs:
+      finals.setdefault(epochs, []).append(curve[-1]['top1'])
+  trend = doubling(finals)
   points = [p for curve in runs.values() for p in curve]
   best = max(points, key=lambda p: p['top1'], default=None)
   summary = {'pretrain': _PRETRAIN.value, 'pretrain_hours': pretrain_hours,
              'target': _TARGET.value, 'checkpoints': checkpoints, 'finetune': runs,
              'best': best and {**best, 'run': next(k for k, v in runs.items() if best in v)},
-             'reached_target': bool(best and best['top1'] >= _TARGET.value)}
+             'reached_target': bool(best and best['top1'] >= _TARGET.value),
+             'doubling': trend}
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   with open(os.path.join(_OUTPUT_DIR.value, 'curve.json'), 'w') as f:
     json.dump(summary, f, indent=1)
@@ -86,11 +124,17 @@ def main(argv):
     if curve:
       ax.plot(*zip(*curve), style, color='0.45', ms=4, label=label)
   for i, (path, curve) in enumerate(runs.items()):
+    name = '/'.join(os.path.normpath(path).split(os.sep)[-2:])  # e.g. finetune/seed=0
     if curve:
       ax.plot([p['hours'] for p in curve], [p['top1'] for p in curve], '-', color=f'C{i}',
-              label=f'fine-tuning: top-1 ({os.path.basename(os.path.normpath(path))})')
+              label=f'fine-tuning: top-1 ({name})')
   ax.axvline(pretrain_hours, color='0.7', lw=0.8)
   ax.axhline(_TARGET.value, color='C3', ls=':', lw=1, label=f'target {_TARGET.value:.1%}')
+  if trend:
+    ax.set_title(f'fine-tuning: {100 * trend["gain_per_doubling"]:+.2f} points a doubling of '
+                 'its epochs; '
+                 f'{trend["next_epochs"]:g} epochs: about {trend["projected_top1"]:.1%}',
+                 fontsize=8)
   ax.set_xlabel('training hours (training steps only)')
   ax.set_ylabel('accuracy on the evaluation split')
   ax.grid(alpha=0.3)
@@ -101,6 +145,12 @@ def main(argv):
     print(f'Best top-1 {best["top1"]:.2%} at {best["hours"]:.2f} h '
           f'({pretrain_hours:.2f} h of pretraining); target {_TARGET.value:.1%} '
           f'{"reached" if summary["reached_target"] else "not reached"}.')
+  if trend:
+    means = ', '.join(f'{b["epochs"]:g} epochs {b["mean_top1"]:.2%} ({b["runs"]} runs)'
+                      for b in trend['budgets'])
+    print(f'Final top-1 by fine-tuning budget: {means}; {100 * trend["gain_per_doubling"]:+.2f} '
+          f'points a doubling, so {trend["next_epochs"]:g} epochs would give about '
+          f'{trend["projected_top1"]:.2%} if the gains do not shrink.')
 
 
 if __name__ == '__main__':

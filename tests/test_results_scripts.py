@@ -56,6 +56,43 @@ def test_headline_curve_puts_fine_tuning_after_the_pretraining_hours(tmp_path):
   assert (out / 'curve.png').stat().st_size > 10_000
 
 
+def test_headline_curve_says_what_another_doubling_of_the_fine_tuning_gives(tmp_path):
+  _write(tmp_path / 'pre', [{'step': s, 'train/loss': 1.0, 'perf/step_time': 1.0}
+                            for s in (900, 1800)])
+  finals = {'a': (10, 0.90), 'b': (10, 0.91), 'c': (20, 0.93), 'd': (20, 0.935),
+            'e': (None, 0.99)}  # 'e': no budget in its config, left out of the trend
+  for name, (epochs, top1) in finals.items():
+    _write(tmp_path / name, [{'step': 100, 'train/loss': 1.0, 'perf/step_time': 1.0},
+                             {'step': 100, 'eval/top1': top1 - 0.05},
+                             {'step': 200, 'train/loss': 1.0, 'perf/step_time': 1.0},
+                             {'step': 200, 'eval/top1': top1}])
+    (tmp_path / name / 'config.json').write_text(json.dumps(
+        {'init': {'path': str(tmp_path / 'pre')}, 'num_epochs': epochs}))
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      [sys.executable, f'{ROOT}/scripts/headline_curve.py', f'--pretrain={tmp_path / "pre"}',
+       '--finetune=' + ','.join(str(tmp_path / n) for n in finals), f'--output_dir={out}'],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  trend = json.loads((out / 'curve.json').read_text())['doubling']
+  # Means 90.5% at 10 epochs and 93.25% at 20: +2.75 points a doubling, 96% at 40.
+  assert [(b['epochs'], b['runs']) for b in trend['budgets']] == [(10, 2), (20, 2)]
+  assert [b['mean_top1'] for b in trend['budgets']] == pytest.approx([0.905, 0.9325])
+  assert trend['gain_per_doubling'] == pytest.approx(0.0275)
+  assert (trend['next_epochs'], trend['projected_top1']) == (40, pytest.approx(0.96))
+  assert ('10 epochs 90.50% (2 runs), 20 epochs 93.25% (2 runs); +2.75 points a doubling, so '
+          '40 epochs would give about 96.00%') in result.stdout
+  # Three budgets on a straight line in log2(epochs) give its slope.
+  from importlib import util  # pylint: disable=import-outside-toplevel
+  spec = util.spec_from_file_location('headline_curve', f'{ROOT}/scripts/headline_curve.py')
+  module = util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  line = module.doubling({5: [0.80], 10: [0.82, 0.82], 20: [0.84]})
+  assert line['gain_per_doubling'] == pytest.approx(0.02)
+  assert line['projected_top1'] == pytest.approx(0.86)
+  assert module.doubling({20: [0.9]}) is None
+
+
 def test_training_hours_leave_out_the_evaluations(monkeypatch):
   from vit_jax import metrics  # pylint: disable=import-outside-toplevel
   clock = iter([0.0, 50.0, 130.0])  # start, the log at step 100, the log at step 200
