@@ -38,6 +38,7 @@ __all__ = ['ALONE', 'Claim', 'Group', 'Member', 'RECORD', 'Stage', 'Stop', 'Swee
            'aggregate_seeds', 'check', 'cli', 'expand', 'fit_power_law', 'frontier',
            'is_finished', 'judge', 'key_labels', 'launch_lines', 'load_config', 'load_sweep',
            'machine', 'main', 'main_metric', 'markdown_table', 'measure_steps_alone',
-           'member_config', 'member_name', 'old_steps_alone', 'plot_metric', 'plot_scaling', 'product',
+           'member_config', 'member_name', 'old_steps_alone', 'plot_metric', 'plot_scaling',
+           'product',
            'read_metrics', 'read_steps_alone', 'report', 'run', 'run_member', 'shared_machine',
            'step_key', 'summarize', 'value_label', 'welch_interval', 'zipped']

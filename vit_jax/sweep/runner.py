@@ -182,14 +182,13 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
   repository's scripts/)."""
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), 'scripts', 'benchmark.py')
-  alone = read_steps_alone(root)
   if not os.path.exists(script):
     log(f'Not measuring the steps alone: {script} is not there.')
-    return alone
+    return read_steps_alone(root)
   stored = {k: v for k, v in _read_alone_file(root).items() if isinstance(v, dict)}
   for member in members:
     key = step_key(member)
-    if key in alone:
+    if key in stored:
       continue
     log(f'The step alone: {key} ...')
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,13 +204,12 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
         row = json.loads(f.readline())
     stored[key] = {'back_to_back': row['images_per_s_sustained'],
                    'one_at_a_time': row['images_per_s']}
-    alone[key] = stored[key]['back_to_back']
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ALONE), 'w') as f:
       json.dump(stored, f, indent=1)
-    log(f'  {alone[key]:.1f} images/s back to back ({stored[key]["one_at_a_time"]:.1f} '
-        'one step at a time)')
-  return alone
+    log(f'  {stored[key]["back_to_back"]:.1f} images/s back to back '
+        f'({stored[key]["one_at_a_time"]:.1f} one step at a time)')
+  return {key: rates['back_to_back'] for key, rates in stored.items()}
 
 
 def shared_machine(images_per_sec: float, alone: float) -> bool:
