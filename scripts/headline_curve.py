@@ -20,7 +20,6 @@ twice the largest budget is what another doubling would give if the gains do not
 """
 
 import json
-import math
 import os
 import sys
 
@@ -59,24 +58,6 @@ def start_hours(finetune: str, pretrain_logged: list) -> float:
   return pretrain_logged[-1][1] / 3600
 
 
-def doubling(finals: dict) -> dict | None:
-  """{epochs: [final top-1 of each run]} -> the budgets' means, the gain of a doubling of
-  the budget (a least-squares fit of the means against log2(epochs)) and the fit at twice
-  the largest budget; None with fewer than two budgets."""
-  if len(finals) < 2:
-    return None
-  budgets = sorted(finals)
-  means = [sum(finals[e]) / len(finals[e]) for e in budgets]
-  x = [math.log2(e) for e in budgets]
-  x_mean, y_mean = sum(x) / len(x), sum(means) / len(means)
-  gain = (sum((a - x_mean) * (b - y_mean) for a, b in zip(x, means))
-          / sum((a - x_mean) ** 2 for a in x))
-  return {'budgets': [{'epochs': e, 'runs': len(finals[e]), 'mean_top1': m}
-                      for e, m in zip(budgets, means)],
-          'gain_per_doubling': gain, 'next_epochs': 2 * budgets[-1],
-          'projected_top1': y_mean + gain * (math.log2(2 * budgets[-1]) - x_mean)}
-
-
 def run_epochs(workdir: str) -> float | None:
   with open(os.path.join(workdir, 'config.json')) as f:
     epochs = json.load(f).get('num_epochs')
@@ -102,7 +83,7 @@ def main(argv):
     epochs = run_epochs(path)
     if curve and epochs:
       finals.setdefault(epochs, []).append(curve[-1]['top1'])
-  trend = doubling(finals)
+  trend = metrics.doubling(finals)
   points = [p for curve in runs.values() for p in curve]
   best = max(points, key=lambda p: p['top1'], default=None)
   summary = {'pretrain': _PRETRAIN.value, 'pretrain_hours': pretrain_hours,
