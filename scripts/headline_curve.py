@@ -28,6 +28,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vit_jax import metrics  # noqa: E402
+from vit_jax.sweep.fits import doubling  # noqa: E402
 
 _PRETRAIN = flags.DEFINE_string('pretrain', None, 'Workdir of the MAE pretraining.')
 _CHECKPOINTS = flags.DEFINE_string('checkpoints', '', 'scripts/eval_checkpoints.py output of '
@@ -83,7 +84,7 @@ def main(argv):
     epochs = run_epochs(path)
     if curve and epochs:
       finals.setdefault(epochs, []).append(curve[-1]['top1'])
-  trend = metrics.doubling(finals)
+  trend = doubling(finals)
   points = [p for curve in runs.values() for p in curve]
   best = max(points, key=lambda p: p['top1'], default=None)
   summary = {'pretrain': _PRETRAIN.value, 'pretrain_hours': pretrain_hours,

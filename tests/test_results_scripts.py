@@ -83,11 +83,11 @@ def test_headline_curve_says_what_another_doubling_of_the_fine_tuning_gives(tmp_
   assert ('10 epochs 90.50% (2 runs), 20 epochs 93.25% (2 runs); +2.75 points a doubling, so '
           '40 epochs would give about 96.00%') in result.stdout
   # Three budgets on a straight line in log2(epochs) give its slope.
-  from vit_jax import metrics  # pylint: disable=import-outside-toplevel
-  line = metrics.doubling({5: [0.80], 10: [0.82, 0.82], 20: [0.84]})
+  from vit_jax.sweep import fits  # pylint: disable=import-outside-toplevel
+  line = fits.doubling({5: [0.80], 10: [0.82, 0.82], 20: [0.84]})
   assert line['gain_per_doubling'] == pytest.approx(0.02)
   assert line['projected_top1'] == pytest.approx(0.86)
-  assert metrics.doubling({20: [0.9]}) is None
+  assert fits.doubling({20: [0.9]}) is None
 
 
 def test_training_hours_leave_out_the_evaluations(monkeypatch):

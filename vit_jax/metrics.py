@@ -340,24 +340,6 @@ def seconds_at(logged: list[tuple[int, float]], step: int) -> float:
   return float(np.interp(step, *zip(*logged)))
 
 
-def doubling(finals: dict) -> dict | None:
-  """{epochs: [final top-1 of each run]} -> the budgets' means, the gain of a doubling of
-  the budget (a least-squares fit of the means against log2(epochs)) and the fit at twice
-  the largest budget; None with fewer than two budgets."""
-  if len(finals) < 2:
-    return None
-  budgets = sorted(finals)
-  means = [sum(finals[e]) / len(finals[e]) for e in budgets]
-  x = [float(np.log2(e)) for e in budgets]
-  x_mean, y_mean = sum(x) / len(x), sum(means) / len(means)
-  gain = (sum((a - x_mean) * (b - y_mean) for a, b in zip(x, means))
-          / sum((a - x_mean) ** 2 for a in x))
-  return {'budgets': [{'epochs': e, 'runs': len(finals[e]), 'mean_top1': m}
-                      for e, m in zip(budgets, means)],
-          'gain_per_doubling': gain, 'next_epochs': 2 * budgets[-1],
-          'projected_top1': y_mean + gain * (float(np.log2(2 * budgets[-1])) - x_mean)}
-
-
 class Progress:
   """Throughput, MFU and time left between log steps, and the line a person reads."""
 

@@ -22,7 +22,7 @@ plots.py (the figures), launch.py (SLURM and TPU-VM lines), cli.py (the command 
 """
 
 from vit_jax.sweep.cli import cli, main
-from vit_jax.sweep.fits import fit_power_law, frontier
+from vit_jax.sweep.fits import doubling, fit_power_law, frontier
 from vit_jax.sweep.grid import (Member, Stage, Sweep, check, expand, key_labels, load_config,
                                 load_sweep, member_config, member_name, product, value_label,
                                 zipped)
@@ -35,7 +35,7 @@ from vit_jax.sweep.runner import (ALONE, RECORD, Stop, is_finished, machine, mea
 from vit_jax.sweep.verdicts import Claim, Group, judge, welch_interval
 
 __all__ = ['ALONE', 'Claim', 'Group', 'Member', 'RECORD', 'Stage', 'Stop', 'Sweep',
-           'aggregate_seeds', 'check', 'cli', 'expand', 'fit_power_law', 'frontier',
+           'aggregate_seeds', 'check', 'cli', 'doubling', 'expand', 'fit_power_law', 'frontier',
            'is_finished', 'judge', 'key_labels', 'launch_lines', 'load_config', 'load_sweep',
            'machine', 'main', 'main_metric', 'markdown_table', 'measure_steps_alone',
            'member_config', 'member_name', 'old_steps_alone', 'plot_metric', 'plot_scaling',

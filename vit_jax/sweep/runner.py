@@ -163,8 +163,11 @@ def read_steps_alone(root: str) -> dict:
   of older sweeps (a bare number: the best of 10 steps timed one at a time, 5-15% above
   what the same steps sustain back to back) are left out, so that they are measured
   again (old_steps_alone counts them)."""
-  return {key: rates['back_to_back'] for key, rates in _read_alone_file(root).items()
-          if isinstance(rates, dict)}
+  return _back_to_back(_read_alone_file(root))
+
+
+def _back_to_back(entries: dict) -> dict:
+  return {key: rates['back_to_back'] for key, rates in entries.items() if isinstance(rates, dict)}
 
 
 def old_steps_alone(root: str) -> int:
@@ -209,7 +212,7 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
       json.dump(stored, f, indent=1)
     log(f'  {stored[key]["back_to_back"]:.1f} images/s back to back '
         f'({stored[key]["one_at_a_time"]:.1f} one step at a time)')
-  return {key: rates['back_to_back'] for key, rates in stored.items()}
+  return _back_to_back(stored)
 
 
 def shared_machine(images_per_sec: float, alone: float) -> bool:
