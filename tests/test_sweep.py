@@ -4,6 +4,7 @@ power-law fit, the cluster launch lines, bad sweep files, and one real sweep end
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -400,9 +401,11 @@ def get_sweep():
 '''
 
 
-def _sweep(tmp_path, heads, *extra):
+def _sweep(tmp_path, heads, *extra, key='model.num_heads'):
+  """Runs the tiny sweep whose fine-tuning stage sweeps KEY over HEADS."""
   path = tmp_path / f'sweep_{len(heads)}.py'
-  path.write_text(SWEEP_FILE.format(mae=DEMO_MAE, ft=DEMO_FT, heads=heads))
+  path.write_text(SWEEP_FILE.format(mae=DEMO_MAE, ft=DEMO_FT, heads=heads).replace(
+      "'model.num_heads'", repr(key)))
   return subprocess.run([sys.executable, '-m', 'vit_jax.sweep', f'--sweep={path}',
                          f'--workdir={tmp_path / "runs"}', *extra],
                         cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -441,6 +444,47 @@ def test_a_tiny_sweep_end_to_end_with_a_failing_member_then_rerun(tmp_path):
   assert again.returncode == 1
   assert '2 of 3 members finished; running 1.' in again.stdout
   assert (root / 'results.md').read_text() == report
+
+
+@pytest.mark.slow
+def test_a_lost_workdir_costs_no_finished_run_when_results_are_kept(tmp_path):
+  """--results keeps each finished run's metrics (and the weights its children start
+  from): with the workdir gone, --report rebuilds the same tables, and the sweep goes on
+  from the kept weights instead of running the pretraining again."""
+  from vit_jax import checkpoint, param_tree  # pylint: disable=import-outside-toplevel
+  results, root = tmp_path / 'results', tmp_path / 'runs'
+  first = _sweep(tmp_path, [0], f'--results={results}', key='seed')
+  assert first.returncode == 0, first.stdout + first.stderr
+  kept = results / 'runs' / 'pretrain' / 'base_lr=0.001'
+  assert sorted(os.listdir(kept)) == ['metrics.jsonl', 'params.npz', sweep.RECORD]
+  assert 'params.npz' not in os.listdir(results / 'runs' / 'finetune' / 'base_lr=0.001,seed=0')
+  # The kept weights are the last checkpoint's, array for array.
+  _, saved = checkpoint.load_params(str(root / 'pretrain' / 'base_lr=0.001'))
+  _, exported = checkpoint.load_params(str(kept / 'params.npz'))
+  flat_saved, flat_exported = (param_tree.flat_numpy(p) for p in (saved, exported))
+  assert flat_saved.keys() == flat_exported.keys() and len(flat_saved) > 10
+  assert all(np.array_equal(flat_saved[k], flat_exported[k]) for k in flat_saved)
+  assert not (root / 'results.md').exists()
+  table, report = (results / 'results.csv').read_text(), (results / 'results.md').read_text()
+  assert f'--results={results}' in report and '2 of 2 runs finished.' in report
+
+  shutil.rmtree(root)
+  rebuilt = _sweep(tmp_path, [0], f'--results={results}', '--report', key='seed')
+  assert rebuilt.returncode == 0, rebuilt.stderr
+  assert '2 finished run(s) taken from' in rebuilt.stdout
+  assert (results / 'results.csv').read_text() == table
+  assert (results / 'results.md').read_text() == report
+
+  # A new fine-tuning after the workdir is lost again: nothing finished runs twice.
+  shutil.rmtree(root)
+  more = _sweep(tmp_path, [0, 1], f'--results={results}', '--nomeasure_alone',
+                key='seed')
+  assert more.returncode == 0, more.stdout + more.stderr
+  assert '2 of 3 members finished; running 1.' in more.stdout
+  new_log = (root / 'finetune' / 'base_lr=0.001,seed=1' / 'log.txt').read_text()
+  assert 'Initialised from' in new_log and str(kept / 'params.npz') in new_log
+  assert '3 of 3 runs finished.' in (results / 'results.md').read_text()
+  assert (results / 'runs' / 'finetune' / 'base_lr=0.001,seed=1' / 'metrics.jsonl').exists()
 
 
 def test_bad_sweep_files_give_one_error_line(tmp_path):

@@ -1,7 +1,8 @@
 r"""MAE decoder depth and width (MAE paper Table 1a and 1b), judged by probe-free measures
 of the frozen encoder, on the full Fashion-MNIST.
 
-  python -m vit_jax.sweep --sweep=configs/sweeps/mae_decoder.py --workdir=runs/mae_decoder
+  python -m vit_jax.sweep --sweep=configs/sweeps/mae_decoder.py --workdir=runs/mae_decoder \
+      --results=docs/results/mae_decoder
 
 pretrain: MAE-mu/4 (encoder width 128, depth 4; mask 0.75) for PRETRAIN_EPOCHS epochs with
   its own schedule and each decoder: depth 1 and 4 (width 64), seeds 0-2, the points the

@@ -1,7 +1,8 @@
 r"""MAE mask ratio (MAE paper Fig. 5): pretraining with 50%, 75% and 90% of the patches
 removed, judged by probe-free measures of the frozen encoder, on the full Fashion-MNIST.
 
-  python -m vit_jax.sweep --sweep=configs/sweeps/mae_mask_ratio.py --workdir=runs/mae_mask_ratio
+  python -m vit_jax.sweep --sweep=configs/sweeps/mae_mask_ratio.py --workdir=runs/mae_mask_ratio \
+      --results=docs/results/mae_mask_ratio
 
 pretrain: MAE-mu/4 (width 128, depth 4, decoder 64 x 2; patch 4, so 49 patches of which
   25, 12 and 5 are seen) for PRETRAIN_EPOCHS epochs with its own schedule, seeds 0-2.

@@ -4,7 +4,8 @@ own schedule, on the full Fashion-MNIST; eval loss against training FLOPs on log
 the compute-efficient frontier of the seeds' means and a power law fitted to it, with
 few-shot linear accuracy (the ViT paper's own scaling metric) beside it.
 
-  python -m vit_jax.sweep --sweep=configs/sweeps/scaling.py --workdir=runs/scaling
+  python -m vit_jax.sweep --sweep=configs/sweeps/scaling.py --workdir=runs/scaling \
+      --results=docs/results/scaling
 
 Sizes (width, depth, heads, MLP): 16/1/1/64, 32/2/2/128, 64/2/2/256, 96/3/3/384, patch 4
 (0.01 M to 0.35 M parameters); budgets 5, 10 and 20 epochs of the 60,000 images, seed 0;

@@ -2,6 +2,8 @@ r"""Sweeps: a grid of ordinary `vit_jax.main` runs, their results collected, com
 
   python -m vit_jax.sweep --sweep=configs/sweeps/mae_mask_ratio.py --workdir=runs/mask_ratio
   python -m vit_jax.sweep ... --report          # tables and plots from what has finished
+  python -m vit_jax.sweep ... --results=docs/results/NAME   # the report, and each finished
+                                                # run's metrics, kept apart from the workdir
   python -m vit_jax.sweep ... --launch=print    # SLURM job arrays and TPU-VM lines instead
 
 A sweep file defines `get_sweep()` returning a `Sweep`: stages, each a base config
@@ -13,12 +15,17 @@ runs in `WORKDIR/STAGE/NAME`, NAME spelling its swept values (`mask_ratio=0.75,s
 Running the same command again skips finished members and resumes an interrupted one
 (the loop resumes bit for bit from its last checkpoint). A member that fails is reported
 with its error line and the others go on; the command exits 1 at the end if any failed.
-After the runs (or with --report) the workdir gets results.csv, results.md and PNG plots.
+After each finished run (or with --report) the workdir gets results.csv, results.md and
+PNG plots; with --results=DIR they go to DIR instead, beside a copy of what each finished
+run's report needs (its metrics, and the weights of a run that other stages start from),
+so that a committed DIR rebuilds the report on a new clone and a lost workdir costs only
+the run in flight.
 
 The parts, one module each: grid.py (sweep files, stages, members and their configs),
 runner.py (running and resuming members), report.py (results.csv and results.md),
 fits.py (frontier and power law), verdicts.py (a paper's claim judged on the runs),
-plots.py (the figures), launch.py (SLURM and TPU-VM lines), cli.py (the command line).
+plots.py (the figures), launch.py (SLURM and TPU-VM lines), record.py (the finished runs
+kept under --results), cli.py (the command line).
 """
 
 from vit_jax.sweep.cli import cli, main

@@ -1,9 +1,11 @@
-"""The command line: python -m vit_jax.sweep --sweep=FILE --workdir=DIR [--report]."""
+"""The command line: python -m vit_jax.sweep --sweep=FILE --workdir=DIR [--results=DIR]
+[--report]."""
 
 import os
 import shlex
 import sys
 
+from vit_jax.sweep import record
 from vit_jax.sweep.grid import check, expand, load_sweep, member_config
 from vit_jax.sweep.launch import launch_lines
 from vit_jax.sweep.report import report
@@ -20,30 +22,46 @@ def main(argv) -> int:
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
   sweep_path, root = flags.FLAGS.sweep, flags.FLAGS.workdir
+  results = flags.FLAGS.results or root
+  kept = os.path.abspath(results) != os.path.abspath(root)  # a results folder of its own
   sweep = load_sweep(sweep_path)
   members = expand(sweep, root)
   command = shlex.join(['python', '-m', 'vit_jax.sweep', f'--sweep={sweep_path}',
-                        f'--workdir={root}'])
+                        f'--workdir={root}'] + ([f'--results={results}'] if kept else []))
   if flags.FLAGS.launch == 'print':
     for member in members:  # the keys, without the dataset (it is on the cluster)
       member_config(member)
     print(launch_lines(members))
     return 0
   steps = check(members)  # every member's config, before anything runs
+
+  def log(line):
+    print(line, flush=True)
+
+  if kept:
+    record.restore(members, steps, results, log)
+    record.save(members, steps, results, log)  # runs that finished before --results was given
   failures = []
   if not flags.FLAGS.report:
     print(f'Sweep {sweep_path}: {len(members)} runs in {root}.', flush=True)
     if flags.FLAGS.measure_alone:
-      measure_steps_alone(members, root, num_classes(members),
-                          log=lambda line: print(line, flush=True))
+      measure_steps_alone(members, results, num_classes(members), log=log)
+
+    def after():  # the results folder is up to date after each run
+      if kept:
+        record.save(members, steps, results, log)
+      report(sweep, members, steps, results, command)
+
     try:
-      failures = run(members, steps, log=lambda line: print(line, flush=True))
+      failures = run(members, steps, log=log, after=after,
+                     before=(lambda m: record.with_kept_parent(m, results)) if kept else None)
     except Stop:
       print('Stopped; the interrupted run saved its last checkpoint. Run the same command '
             'to continue.', flush=True)
       return 1
-  written = report(sweep, members, steps, root, command)
-  print(f'Results: {os.path.join(root, "results.md")}, {os.path.join(root, "results.csv")}'
+  written = report(sweep, members, steps, results, command)
+  print(f'Results: {os.path.join(results, "results.md")}, '
+        f'{os.path.join(results, "results.csv")}'
         + (f', {len(written["plots"])} plots' if written['plots'] else ''))
   for name, fit in written['fits'].items():
     print(f'{name}: eval loss = {fit["a"]:.3g} C^{fit["exponent"]:.3f}, R2 {fit["r2"]:.3f}')
@@ -61,7 +79,13 @@ def cli():
   flags.DEFINE_enum('launch', 'local', ['local', 'print'],
                     'local: run the members here, one after another; print: print SLURM '
                     'and TPU-VM commands instead.')
-  flags.DEFINE_bool('report', False, 'Only write results.csv/.md and plots from the workdirs.')
+  flags.DEFINE_string('results', None, 'Folder for results.csv/.md, the plots, the steps '
+                      'alone and a copy of each finished run\'s metrics (and of the weights '
+                      'that other stages start from): commit it, and a new clone rebuilds the '
+                      'report and resumes without the workdir (vit_jax/sweep/record.py). '
+                      'Default: the workdir.')
+  flags.DEFINE_bool('report', False, 'Only write results.csv/.md and plots from the '
+                    'finished runs.')
   flags.DEFINE_bool('measure_alone', True, 'Before the runs, time each distinct training '
                     'step alone (scripts/benchmark.py), so that the report marks runs that '
                     'shared the machine.')

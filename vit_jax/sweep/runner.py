@@ -107,8 +107,10 @@ def run_member(member: Member) -> tuple[bool, str]:
   return True, f'{seconds / 60:.1f} min'
 
 
-def run(members: list[Member], steps: dict, log=print) -> list[str]:
-  """Runs every unfinished member whose parent finished; returns the failures."""
+def run(members: list[Member], steps: dict, log=print, before=None, after=None) -> list[str]:
+  """Runs every unfinished member whose parent finished; returns the failures. `before`
+  may replace a member right before it runs (record.with_kept_parent); `after` is called
+  after each member that finished."""
   failed = {}
   todo = [m for m in members if not is_finished(m.workdir, steps[m.label])]
   log(f'{len(members) - len(todo)} of {len(members)} members finished; running {len(todo)}.')
@@ -119,13 +121,15 @@ def run(members: list[Member], steps: dict, log=print) -> list[str]:
       log(f'{head}: {failed[member.label]}')
       continue
     log(f'{head}: running ({steps[member.label]} steps, log in {member.workdir}/log.txt)')
-    ok, message = run_member(member)
+    ok, message = run_member(before(member) if before else member)
     if ok and not is_finished(member.workdir, steps[member.label]):
       ok, message = False, ('exited without evaluating its last step (log: '
                             f'{member.workdir}/log.txt)')
     if not ok:
       failed[member.label] = message
     log(f'{head}: {"done in " if ok else "FAILED: "}{message}')
+    if ok and after:
+      after()
   return [f'{label}: {message}' for label, message in failed.items()]
 
 
