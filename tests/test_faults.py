@@ -315,6 +315,18 @@ BAD_COMMAND_LINES = [
 ]
 
 
+def test_a_run_that_resumes_does_not_need_its_init_path(tmp_path, data_dir):
+  """init.path is read once, at step 0: a run resuming from its own checkpoints starts even
+  where the checkpoint it began from is gone (a sweep's pretraining workdir, lost)."""
+  config = demo_config('mae_finetune', data_dir)
+  config.init.path = str(tmp_path / 'pretrain')
+  workdir = tmp_path / 'finetune'
+  with pytest.raises(ValueError, match=r"init.path='.*pretrain' does not exist"):
+    train.check_loop_keys(config, str(workdir))
+  (workdir / 'checkpoints' / '200').mkdir(parents=True)
+  train.check_loop_keys(config, str(workdir))
+
+
 @pytest.mark.parametrize('config,flags,status,expected', BAD_COMMAND_LINES)
 def test_bad_command_lines_are_one_error_line(config, flags, status, expected, tmp_path,
                                               data_dir):

@@ -458,12 +458,17 @@ def test_a_lost_workdir_costs_no_finished_run_when_results_are_kept(tmp_path):
   kept = results / 'runs' / 'pretrain' / 'base_lr=0.001'
   assert sorted(os.listdir(kept)) == ['metrics.jsonl', 'params.npz', sweep.RECORD]
   assert 'params.npz' not in os.listdir(results / 'runs' / 'finetune' / 'base_lr=0.001,seed=0')
-  # The kept weights are the last checkpoint's, array for array.
-  _, saved = checkpoint.load_params(str(root / 'pretrain' / 'base_lr=0.001'))
+  # The kept weights are the last step's, array for array, and the fine-tuning read them.
+  pretrain = root / 'pretrain' / 'base_lr=0.001'
+  assert checkpoint.saved_steps(str(pretrain))[-1] == 4
+  _, saved = checkpoint.load_params(str(pretrain / 'checkpoints' / '4'))
   _, exported = checkpoint.load_params(str(kept / 'params.npz'))
   flat_saved, flat_exported = (param_tree.flat_numpy(p) for p in (saved, exported))
   assert flat_saved.keys() == flat_exported.keys() and len(flat_saved) > 10
-  assert all(np.array_equal(flat_saved[k], flat_exported[k]) for k in flat_saved)
+  assert all(flat_saved[k].dtype == flat_exported[k].dtype
+             and np.array_equal(flat_saved[k], flat_exported[k]) for k in flat_saved)
+  first_log = (root / 'finetune' / 'base_lr=0.001,seed=0' / 'log.txt').read_text()
+  assert 'Initialised from' in first_log and str(kept / 'params.npz') in first_log
   assert not (root / 'results.md').exists()
   table, report = (results / 'results.csv').read_text(), (results / 'results.md').read_text()
   assert f'--results={results}' in report and '2 of 2 runs finished.' in report

@@ -38,9 +38,10 @@ def num_train_steps(config, num_train_examples: int) -> tuple[int, float]:
   return total, steps_per_epoch
 
 
-def check_loop_keys(config) -> None:
+def check_loop_keys(config, workdir: str = '') -> None:
   """Intervals and counts that must be positive, regexes that must compile, paths that
-  must exist: refused here rather than hours into a run."""
+  must exist: refused here rather than hours into a run. init.path need not exist for a
+  run that resumes from its own checkpoints in `workdir` (it is not read again)."""
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
               'grad_accum_steps', 'global_batch_size', 'eval_batch_size'):
     if config[key] < 1:
@@ -58,7 +59,8 @@ def check_loop_keys(config) -> None:
         re.compile(pattern)
       except re.error as e:
         raise ValueError(f'init.{key}: {pattern!r} is not a regex ({e}).') from None
-  if config.init.path and not epath.Path(config.init.path).exists():
+  if (config.init.path and not epath.Path(config.init.path).exists()
+      and not (workdir and checkpoint.has_saved_steps(workdir))):
     raise ValueError(f'init.path={config.init.path!r} does not exist.')
 
 
@@ -287,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   back (without it that is an error; see checkpoint.Checkpointer.restore_latest)."""
   # ---------------------------------------------------------------- checks and set-up
   # Everything that can be wrong with the config is found here, before any compile.
-  check_loop_keys(config)
+  check_loop_keys(config, workdir)
   objective = objectives.get_objective(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.global_batch_size, mesh, 'global_batch_size')

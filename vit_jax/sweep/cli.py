@@ -93,6 +93,10 @@ def cli():
 
   def checked_main(argv):
     logging.set_verbosity(logging.WARNING)
+    # The sweep's own process computes nothing (it reads a kept run's weights at most):
+    # JAX stays on its CPU here, leaving the GPU or TPU to the runs it starts.
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update('jax_platforms', 'cpu')
     try:
       sys.exit(main(argv))
     except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: a missing dataset

@@ -10,8 +10,9 @@ the run that was in flight, not the finished ones.
 
 Finished runs are copied into DIR as they finish; a run finished in DIR but not in its
 workdir gets its two files copied back into the workdir, so that the runner and the report
-see it finished; a stage whose parent's workdir lost its checkpoints starts from the
-parent's params.npz instead.
+see it finished; a stage whose parent is kept starts from the parent's params.npz (the
+same arrays as its last checkpoint, which a restored workdir does not have). A report
+rebuilt from DIR alone shows runs that had not finished as not started.
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ import shutil
 from vit_jax.sweep.grid import Member
 from vit_jax.sweep.runner import RECORD, is_finished
 
-FILES = ('metrics.jsonl', RECORD)
+FILES = (RECORD, 'metrics.jsonl')  # in this order: a run counts as kept once its metrics are
 PARAMS = 'params.npz'
 
 
@@ -30,10 +31,12 @@ def run_dir(results: str, member: Member) -> str:
 
 
 def _copy(names, source: str, target: str) -> None:
+  """Each file whole or not at all (a copy, then a rename), in the order given."""
   os.makedirs(target, exist_ok=True)
   for name in names:
     if os.path.exists(os.path.join(source, name)):
-      shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+      shutil.copyfile(os.path.join(source, name), os.path.join(target, name + '.tmp'))
+      os.replace(os.path.join(target, name + '.tmp'), os.path.join(target, name))
 
 
 def _export_params(workdir: str, path: str) -> None:
@@ -46,20 +49,24 @@ def _export_params(workdir: str, path: str) -> None:
 
 
 def save(members: list[Member], steps: dict, results: str, log=print) -> int:
-  """Copies every run finished in its workdir and not yet in RESULTS into it, with the
-  weights of those that another stage starts from; returns how many it copied."""
+  """Copies every run finished in its workdir and not yet in RESULTS into it, and the
+  weights of those that another stage starts from (also of a run kept before that stage
+  was added); returns how many runs it copied."""
+  from vit_jax import checkpoint  # pylint: disable=import-outside-toplevel
   parents = {m.parent.label for m in members if m.parent}
   copied = 0
   for member in members:
     target = run_dir(results, member)
-    if (not is_finished(member.workdir, steps[member.label])
-        or is_finished(target, steps[member.label])):
+    if not is_finished(member.workdir, steps[member.label]):
       continue
-    if member.label in parents:
-      _export_params(member.workdir, os.path.join(target, PARAMS))
-    _copy(FILES, member.workdir, target)  # last: a run counts as kept once its metrics are
-    copied += 1
-    log(f'{member.label}: kept in {target}')
+    params = os.path.join(target, PARAMS)
+    if (member.label in parents and not os.path.exists(params)
+        and checkpoint.has_saved_steps(member.workdir)):
+      _export_params(member.workdir, params)
+    if not is_finished(target, steps[member.label]):
+      _copy(FILES, member.workdir, target)
+      copied += 1
+      log(f'{member.label}: kept in {target}')
   return copied
 
 
@@ -80,13 +87,10 @@ def restore(members: list[Member], steps: dict, results: str, log=print) -> int:
 
 
 def with_kept_parent(member: Member, results: str) -> Member:
-  """The member, starting from its parent's kept params.npz where the parent's workdir has
-  no checkpoint left (a restored run); otherwise unchanged. The weights are the same
-  arrays either way, so the run is too."""
-  from vit_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if not member.parent or checkpoint.has_saved_steps(member.parent.workdir):
+  """The member, starting from its parent's kept params.npz where there is one (the
+  arrays of the parent's last checkpoint: whether or not its workdir still holds them, or
+  holds an interrupted attempt's); otherwise unchanged."""
+  kept = os.path.join(run_dir(results, member.parent), PARAMS) if member.parent else ''
+  if not kept or not os.path.exists(kept):
     return member
-  kept = os.path.join(run_dir(results, member.parent), PARAMS)
-  if not os.path.exists(kept):
-    return member  # the run reports the missing init.path
   return dataclasses.replace(member, overrides={**member.overrides, 'init.path': kept})
