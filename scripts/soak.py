@@ -4,9 +4,9 @@ r"""A long run stays flat: memory, open files, checkpoints and disk over a soak 
 
 Runs the demo's MAE pretraining (configs/mae_pretrain.py:demo, with epochs enough to
 outlast the soak) with frequent checkpoints (every 100 steps, 3 kept), evaluations (every
-200 steps) and a log line every 10 steps. At `kill_at` of the time it SIGKILLs the run
-and starts the same command again, which resumes; at the end it sends SIGTERM (a
-preemption: save and exit). Every `sample_seconds` it records the training process's
+200 steps) and a log line every 10 steps. At `kill_at` of the time (or at the first
+checkpoint, if that comes later) it SIGKILLs the run and starts the same command again,
+which resumes; at the end it sends SIGTERM (a preemption: save and exit). Every `sample_seconds` it records the training process's
 resident memory, its open file descriptors (Linux /proc), the checkpoints on disk and the
 workdir's size. Writes WORKDIR/soak.csv, soak.json (the checks below) and soak.png, and
 exits 1 if a check fails:
@@ -71,6 +71,12 @@ def checkpoints(workdir: str) -> int:
   folder = os.path.join(workdir, 'checkpoints')
   return sum(name.split('.')[0].isdigit() for name in os.listdir(folder)) if os.path.isdir(
       folder) else 0
+
+
+def saved(workdir: str) -> bool:
+  """Whether a checkpoint is complete (Orbax renames a step's folder to its number last)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def size_mib(path: str) -> float:
@@ -141,8 +147,8 @@ def main(argv):
               for row in csv.DictReader(f)]
     rows = [r for r in rows if r['rss_mib'] > 50]
     with open(os.path.join(workdir, 'soak.json')) as f:
-      exit_code = json.load(f)['exit_code_after_sigterm']
-    return report(workdir, rows, kill_time, exit_code)
+      summary = json.load(f)
+    return report(workdir, rows, summary['killed_at_seconds'], summary['exit_code_after_sigterm'])
   if os.path.exists(workdir):
     raise app.UsageError(f'--workdir={workdir} exists: the soak starts from nothing.')
   os.makedirs(workdir)
@@ -154,10 +160,13 @@ def main(argv):
     if process.poll() is not None:
       raise SystemExit(f'The run ended by itself (exit code {process.returncode}); see '
                        f'{workdir}/soak_log.txt.')
-    if not killed and now >= kill_time:
+    # The kill comes once the run has a checkpoint to resume from: on a slow or busy
+    # machine the first one can come after kill_time (a first-time data preparation, a
+    # compile sharing the cores).
+    if not killed and now >= kill_time and saved(workdir):
       process.kill()
       process.wait()
-      killed = True
+      killed, kill_time = True, now
       process, process_index = start(workdir, log), process_index + 1
       continue
     try:
