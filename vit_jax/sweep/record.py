@@ -60,8 +60,10 @@ def save(members: list[Member], steps: dict, results: str, log=print) -> int:
     if not is_finished(member.workdir, steps[member.label]):
       continue
     params = os.path.join(target, PARAMS)
+    # From the last step's checkpoint only (a restored workdir may hold an interrupted
+    # attempt's).
     if (member.label in parents and not os.path.exists(params)
-        and checkpoint.has_saved_steps(member.workdir)):
+        and checkpoint.saved_steps(member.workdir)[-1:] == [steps[member.label]]):
       _export_params(member.workdir, params)
     if not is_finished(target, steps[member.label]):
       _copy(FILES, member.workdir, target)
