@@ -6,9 +6,9 @@ Runs the demo's MAE pretraining (configs/mae_pretrain.py:demo, with epochs enoug
 outlast the soak) with frequent checkpoints (every 100 steps, 3 kept), evaluations (every
 200 steps) and a log line every 10 steps. At `kill_at` of the time (or at the first
 checkpoint, if that comes later) it SIGKILLs the run and starts the same command again,
-which resumes; at the end it sends SIGTERM (a preemption: save and exit). Every `sample_seconds` it records the training process's
-resident memory, its open file descriptors (Linux /proc), the checkpoints on disk and the
-workdir's size. Writes WORKDIR/soak.csv, soak.json (the checks below) and soak.png, and
+which resumes; at the end it sends SIGTERM (a preemption: save and exit). Every
+`sample_seconds` it records the training process's resident memory, its open file
+descriptors (Linux /proc), the checkpoints on disk and the workdir's size. Writes WORKDIR/soak.csv, soak.json (the checks below) and soak.png, and
 exits 1 if a check fails:
   * memory: the highest per-minute peak of the resident set in the last third of the
     soak is at most 5% above the highest in the first third (the resident set swings by
@@ -74,7 +74,8 @@ def checkpoints(workdir: str) -> int:
 
 
 def saved(workdir: str) -> bool:
-  """Whether a checkpoint is complete (Orbax renames a step's folder to its number last)."""
+  """Whether a checkpoint is complete (Orbax renames a step's folder to its number last):
+  checkpoint.has_saved_steps's test, without importing JAX into the monitor."""
   folder = os.path.join(workdir, 'checkpoints')
   return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
