@@ -8,8 +8,8 @@ outlast the soak) with frequent checkpoints (every 100 steps, 3 kept), evaluatio
 checkpoint, if that comes later) it SIGKILLs the run and starts the same command again,
 which resumes; at the end it sends SIGTERM (a preemption: save and exit). Every
 `sample_seconds` it records the training process's resident memory, its open file
-descriptors (Linux /proc), the checkpoints on disk and the workdir's size. Writes WORKDIR/soak.csv, soak.json (the checks below) and soak.png, and
-exits 1 if a check fails:
+descriptors (Linux /proc), the checkpoints on disk and the workdir's size. Writes
+WORKDIR/soak.csv, soak.json (the checks below) and soak.png, and exits 1 if a check fails:
   * memory: the highest per-minute peak of the resident set in the last third of the
     soak is at most 5% above the highest in the first third (the resident set swings by
     hundreds of MiB within a minute as batches and checkpoints come and go, so single
