@@ -75,8 +75,9 @@ class FeatureProbe:
     self.shots = tuple(int(k) for k in probe.shots)
     self.knn_k = int(probe.knn_k)
     self.train_split = probe.train_split or config.data.train_split
-    self.l2_reg, self.seed = float(probe.l2_reg), int(probe.seed)
+    self.l2_reg = float(probe.l2_reg)
     self.draws = int(probe.get('draws', fewshot.DRAWS))
+    self.seed = fewshot.first_draw_seed(int(probe.seed), int(config.seed), self.draws)
     if (any(k < 1 for k in self.shots) or self.knn_k < 0 or self.l2_reg < 0
         or self.draws < 1):
       raise ValueError(f'fewshot: shots={self.shots} and draws={self.draws} must be positive, '
