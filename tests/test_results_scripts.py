@@ -1,5 +1,5 @@
-"""From finished runs to committed results: training hours (vit_jax.metrics) and
-scripts/headline_curve.py."""
+"""From finished runs to committed results: training hours (vit_jax.metrics),
+scripts/headline_curve.py, and the committed study folders rebuilt by their commands."""
 
 import json
 import os
@@ -106,3 +106,52 @@ def test_training_hours_leave_out_the_evaluations(monkeypatch):
   logged = metrics.training_seconds(rows)
   assert logged == [(0, 0.0), (100, pytest.approx(50.0)), (200, pytest.approx(100.0))]
   assert metrics.seconds_at(logged, 150) == pytest.approx(75.0)
+
+
+def _kept_studies():
+  """The committed study folders that --results keeps (docs/results/NAME/runs/), each with
+  its sweep file."""
+  results = os.path.join(ROOT, 'docs', 'results')
+  return sorted(name for name in os.listdir(results)
+                if os.path.isdir(os.path.join(results, name, 'runs'))
+                and os.path.exists(os.path.join(ROOT, 'configs', 'sweeps', f'{name}.py')))
+
+
+@pytest.fixture(scope='module')
+def full_fashion_mnist(tmp_path_factory):
+  from vit_jax.data import builders, datasets  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(builders.DEBIAN_FASHION_MNIST_DIR):
+    pytest.skip('needs apt-get install dataset-fashion-mnist (the studies count their steps '
+                'on the full Fashion-MNIST)')
+  data_dir = tmp_path_factory.mktemp('tfds')
+  datasets.prepare('fashion_mnist', str(data_dir))
+  return data_dir
+
+
+@pytest.mark.parametrize('name', _kept_studies())
+def test_a_committed_study_is_rebuilt_exactly_by_its_command(name, tmp_path,
+                                                            full_fashion_mnist):
+  """docs/results/NAME's report, rebuilt on a fresh clone by the command it names with
+  --report (no workdir, no runs here), is the committed one byte for byte."""
+  committed = os.path.join(ROOT, 'docs', 'results', name)
+  os.symlink(os.path.join(ROOT, 'configs'), tmp_path / 'configs')
+  (tmp_path / 'docs' / 'results').mkdir(parents=True)
+  copy = tmp_path / 'docs' / 'results' / name
+  subprocess.run(['cp', '-r', committed, str(copy)], check=True)
+  with open(os.path.join(committed, 'results.md')) as f:
+    command = next(line.strip() for line in f if line.startswith('python -m vit_jax.sweep'))
+  assert f'--results=docs/results/{name}' in command
+  result = subprocess.run(
+      [sys.executable, *command.split()[1:], '--report'], cwd=tmp_path, capture_output=True,
+      text=True, check=False, timeout=600,
+      env={**os.environ, 'TFDS_DATA_DIR': str(full_fashion_mnist),
+           'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')})
+  assert result.returncode == 0, result.stderr[-3000:]
+  for table in ('results.md', 'results.csv'):
+    with open(os.path.join(committed, table)) as f:
+      assert (copy / table).read_text() == f.read(), table
+  written = {os.path.relpath(os.path.join(d, f), copy)
+             for d, _, files in os.walk(copy) for f in files}
+  kept = {os.path.relpath(os.path.join(d, f), committed)
+          for d, _, files in os.walk(committed) for f in files}
+  assert written == kept  # no plot missing, nothing new
