@@ -336,7 +336,8 @@ def test_rerun_skips_finished_members_and_runs_the_rest_parents_first(tmp_path, 
   _write_run(members[1].workdir, steps=40, evals=[])  # interrupted at step 40
   ran = []
 
-  def fake_run(member):
+  def fake_run(member, alone=None):
+    del alone
     ran.append(member.label)
     if member.name == 'seed=0' and member.stage.name == 'finetune':
       return False, 'Error: something broke'
@@ -358,7 +359,7 @@ def test_a_child_of_an_unfinished_parent_is_not_run(tmp_path, monkeypatch):
   members = sweep.expand(sweep.Sweep([sweep.Stage('pretrain', DEMO_MAE),
                                       sweep.Stage('finetune', DEMO_FT, init_from='pretrain')]),
                          str(tmp_path))
-  monkeypatch.setattr(sweep.runner, 'run_member', lambda m: (False, 'Error: out of memory'))
+  monkeypatch.setattr(sweep.runner, 'run_member', lambda m, alone=None: (False, 'Error: out of memory'))
   failures = sweep.run(members, {m.label: 10 for m in members}, log=lambda _: None)
   assert failures == ['pretrain/base: Error: out of memory',
                       'finetune/base: not run: its parent pretrain/base did not finish']
@@ -434,6 +435,11 @@ def test_a_tiny_sweep_end_to_end_with_a_failing_member_then_rerun(tmp_path):
   assert len(alone) == 2 and all(rates['back_to_back'] > 0 for rates in alone.values())
   assert 'not measured: ' in first.stdout
   assert all(float(r['images_per_sec_alone']) > 0 for r in rows[:2])
+  # Each attempt keeps the rate of its own sitting, which its row shows.
+  for r in rows[:2]:
+    with open(root / r['stage'] / r['name'] / sweep.RECORD) as f:
+      (attempt,) = json.load(f)['attempts']
+    assert attempt['images_per_sec_alone'] == pytest.approx(float(r['images_per_sec_alone']))
   finetune_log = (root / 'finetune' / 'base_lr=0.001,num_heads=2' / 'log.txt').read_text()
   assert 'Initialised from' in finetune_log and 'pretrain/base_lr=0.001' in finetune_log
   report = (root / 'results.md').read_text()
@@ -599,35 +605,55 @@ def test_runs_slower_than_their_step_alone_are_marked_as_run_on_a_shared_machine
   assert 'shared machine' not in (tmp_path / 'results.md').read_text()
 
 
-def test_the_step_alone_is_measured_once_per_step(tmp_path, monkeypatch):
+def test_the_step_alone_is_measured_once_per_step_at_each_start(tmp_path, monkeypatch):
   tiny = {'model.width': 32, 'model.depth': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
           'global_batch_size': 32}
-  stage = sweep.Stage('train', DEMO_FT, overrides=tiny,
-                      grid=sweep.product({'optim.base_lr': [1e-3, 3e-3], 'seed': [0, 1]}))
+  stage = sweep.Stage('train', DEMO_FT, overrides=tiny, grid=sweep.product(
+      {'optim.base_lr': [1e-3, 3e-3], 'seed': [0, 1], 'num_epochs': [1, 2]}))
   members = sweep.expand(sweep.Sweep([stage]), str(tmp_path))
+  # The learning rate, the seed and the budget do not change the step; the model, the
+  # objective's mixup and the optimizer do.
+  key = sweep.step_key(members[0])
+  assert {sweep.step_key(m) for m in members} == {key}
+  for other in ({'model.width': 64}, {'mixup.prob': 0.0}, {'optim.name': 'sgd'}):
+    changed = sweep.expand(sweep.Sweep([sweep.Stage('train', DEMO_FT,
+                                                    overrides={**tiny, **other})]),
+                           str(tmp_path))[0]
+    assert sweep.step_key(changed) != key, other
   lines = []
   alone = sweep.measure_steps_alone(members, str(tmp_path), {m.label: 10 for m in members},
                                     log=lines.append)
-  # The learning rate and the seed do not change the step: one measurement for four runs.
-  assert list(alone) == [sweep.step_key(members[0])] and alone[sweep.step_key(members[0])] > 0
+  assert list(alone) == [key] and alone[key] > 0  # one measurement for eight runs
   assert sweep.read_steps_alone(str(tmp_path)) == alone
   assert sum(line.startswith('The step alone: ') for line in lines) == 1
   with open(tmp_path / sweep.ALONE) as f:
-    stored = json.load(f)[sweep.step_key(members[0])]
-  assert stored['back_to_back'] == alone[sweep.step_key(members[0])]
-  assert stored['one_at_a_time'] > 0
-  # Measured once: a rerun of the sweep reads it back and runs nothing.
-  monkeypatch.setattr(subprocess, 'run', lambda *a, **k: pytest.fail('measured again'))
-  assert sweep.measure_steps_alone(members, str(tmp_path), {}, log=lines.append) == alone
-  # An older sweep's entry (a bare number: one step at a time) is not read, and measured
-  # again.
-  with open(tmp_path / sweep.ALONE, 'w') as f:
-    json.dump({sweep.step_key(members[0]): 1e6}, f)
-  assert sweep.read_steps_alone(str(tmp_path)) == {}
-  assert sweep.old_steps_alone(str(tmp_path)) == 1
-  monkeypatch.undo()
+    stored = json.load(f)[key]
+  assert stored['back_to_back'] == alone[key] and stored['one_at_a_time'] > 0
+  assert stored['machine'] == sweep.machine() and stored['measured_for'].startswith(DEMO_FT)
+  # A sweep started again (another day, maybe another machine) measures again, and the
+  # file keeps the latest; the runs already made keep the rate of their own sitting.
+  _write_run(members[0].workdir, steps=100, evals=[(100, 0.8, 0.5)], step_time=32 / 300)
+  with open(os.path.join(members[0].workdir, sweep.RECORD), 'w') as f:
+    json.dump({'attempts': [{'start': 0, 'seconds': 60.0, 'returncode': 0,
+                             'images_per_sec_alone': 350.0}]}, f)
+  measured = []
+  real_run = subprocess.run
+
+  def counted(*args, **kwargs):
+    measured.append(args)
+    return real_run(*args, **kwargs)
+
+  monkeypatch.setattr(subprocess, 'run', counted)
   again = sweep.measure_steps_alone(members, str(tmp_path), {m.label: 10 for m in members},
                                     log=lines.append)
-  assert 0 < again[sweep.step_key(members[0])] < 1e6
-  assert sweep.read_steps_alone(str(tmp_path)) == again  # rewritten in the new form
-  assert sweep.old_steps_alone(str(tmp_path)) == 0
+  assert len(measured) == 1 and list(again) == [key]
+  assert sweep.read_steps_alone(str(tmp_path)) == again
+  assert sweep.alone_for(members[0], again) == 350.0  # its attempt's, not the latest
+  assert sweep.alone_for(members[1], again) == again[key]  # no attempt yet: the latest
+  # An older sweep's entry (a bare number: one step at a time) is not read, and is
+  # counted so that the report can say so.
+  monkeypatch.undo()
+  with open(tmp_path / sweep.ALONE, 'w') as f:
+    json.dump({key: 1e6}, f)
+  assert sweep.read_steps_alone(str(tmp_path)) == {}
+  assert sweep.old_steps_alone(str(tmp_path)) == 1

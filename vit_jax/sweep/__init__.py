@@ -36,16 +36,16 @@ from vit_jax.sweep.grid import (Member, Stage, Sweep, check, expand, key_labels,
 from vit_jax.sweep.launch import launch_lines
 from vit_jax.sweep.plots import plot_metric, plot_scaling
 from vit_jax.sweep.report import aggregate_seeds, main_metric, markdown_table, report, summarize
-from vit_jax.sweep.runner import (ALONE, RECORD, Stop, is_finished, machine, measure_steps_alone,
-                                  old_steps_alone, read_metrics, read_steps_alone, run,
-                                  run_member, shared_machine, step_key)
+from vit_jax.sweep.runner import (ALONE, RECORD, Stop, alone_for, is_finished, machine,
+                                  measure_steps_alone, old_steps_alone, read_metrics,
+                                  read_steps_alone, run, run_member, shared_machine, step_key)
 from vit_jax.sweep.verdicts import Claim, Group, judge, welch_interval
 
 __all__ = ['ALONE', 'Claim', 'Group', 'Member', 'RECORD', 'Stage', 'Stop', 'Sweep',
-           'aggregate_seeds', 'check', 'cli', 'doubling', 'expand', 'fit_power_law', 'frontier',
-           'is_finished', 'judge', 'key_labels', 'launch_lines', 'load_config', 'load_sweep',
-           'machine', 'main', 'main_metric', 'markdown_table', 'measure_steps_alone',
-           'member_config', 'member_name', 'old_steps_alone', 'plot_metric', 'plot_scaling',
-           'product',
-           'read_metrics', 'read_steps_alone', 'report', 'run', 'run_member', 'shared_machine',
-           'step_key', 'summarize', 'value_label', 'welch_interval', 'zipped']
+           'aggregate_seeds', 'alone_for', 'check', 'cli', 'doubling', 'expand',
+           'fit_power_law', 'frontier', 'is_finished', 'judge', 'key_labels', 'launch_lines',
+           'load_config', 'load_sweep', 'machine', 'main', 'main_metric', 'markdown_table',
+           'measure_steps_alone', 'member_config', 'member_name', 'old_steps_alone',
+           'plot_metric', 'plot_scaling', 'product', 'read_metrics', 'read_steps_alone',
+           'report', 'run', 'run_member', 'shared_machine', 'step_key', 'summarize',
+           'value_label', 'welch_interval', 'zipped']

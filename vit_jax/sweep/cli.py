@@ -9,7 +9,7 @@ from vit_jax.sweep import record
 from vit_jax.sweep.grid import check, expand, load_sweep, member_config
 from vit_jax.sweep.launch import launch_lines
 from vit_jax.sweep.report import report
-from vit_jax.sweep.runner import Stop, measure_steps_alone, run
+from vit_jax.sweep.runner import Stop, is_finished, measure_steps_alone, run
 
 
 def num_classes(members) -> dict:
@@ -44,8 +44,10 @@ def main(argv) -> int:
   failures = []
   if not flags.FLAGS.report:
     print(f'Sweep {sweep_path}: {len(members)} runs in {root}.', flush=True)
-    if flags.FLAGS.measure_alone:
-      measure_steps_alone(members, results, num_classes(members), log=log)
+    alone = {}
+    if flags.FLAGS.measure_alone:  # at each start: the runs to come are judged against it
+      todo = [m for m in members if not is_finished(m.workdir, steps[m.label])]
+      alone = measure_steps_alone(todo, results, num_classes(todo), log=log)
 
     def after():  # the results folder is up to date after each run
       if kept:
@@ -53,7 +55,7 @@ def main(argv) -> int:
       report(sweep, members, steps, results, command)
 
     try:
-      failures = run(members, steps, log=log, after=after,
+      failures = run(members, steps, log=log, after=after, alone=alone,
                      before=(lambda m: record.with_kept_parent(m, results)) if kept else None)
     except Stop:
       print('Stopped; the interrupted run saved its last checkpoint. Run the same command '
@@ -87,8 +89,8 @@ def cli():
   flags.DEFINE_bool('report', False, 'Only write results.csv/.md and plots from the '
                     'finished runs.')
   flags.DEFINE_bool('measure_alone', True, 'Before the runs, time each distinct training '
-                    'step alone (scripts/benchmark.py), so that the report marks runs that '
-                    'shared the machine.')
+                    'step still to run alone (scripts/benchmark.py), so that the report marks '
+                    'runs that shared the machine.')
   flags.mark_flags_as_required(['sweep', 'workdir'])
 
   def checked_main(argv):

@@ -9,8 +9,8 @@ import numpy as np
 from vit_jax import metrics
 from vit_jax.sweep.grid import Member, Sweep, key_labels, member_config
 from vit_jax.sweep.plots import plot_metric, plot_scaling
-from vit_jax.sweep.runner import (SHARED_SLOWDOWN, _record, old_steps_alone, read_metrics,
-                                  read_steps_alone, shared_machine, step_key)
+from vit_jax.sweep.runner import (SHARED_SLOWDOWN, _record, alone_for, old_steps_alone,
+                                  read_metrics, read_steps_alone, shared_machine)
 from vit_jax.sweep.verdicts import judge
 
 
@@ -124,7 +124,7 @@ def report(sweep: Sweep, members: list[Member], steps: dict, root: str,
            command: str = '') -> dict:
   """Writes results.csv, results.md and the PNG plots; returns what it wrote."""
   alone = read_steps_alone(root)
-  rows = [summarize(m, steps[m.label], alone.get(step_key(m))) for m in members]
+  rows = [summarize(m, steps[m.label], alone_for(m, alone)) for m in members]
   fill_base_values(rows, members)
   swept = list(dict.fromkeys(k for m in members for k in m.values))
   result_keys = list(dict.fromkeys(

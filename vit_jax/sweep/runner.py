@@ -1,6 +1,7 @@
 """Running the members of a sweep, one after another, each resumable; a record of each
 attempt (command, wall-clock, machine) in its workdir."""
 
+import hashlib
 import json
 import os
 import shlex
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from vit_jax.sweep.grid import Member, format_value
+from vit_jax.sweep.grid import Member, format_value, member_config
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -66,8 +67,10 @@ class Stop(Exception):
   """A SIGTERM or Ctrl-C stopped the sweep (the run saved its step)."""
 
 
-def run_member(member: Member) -> tuple[bool, str]:
-  """Runs (or resumes) one member; returns (ok, message). Its output goes to log.txt."""
+def run_member(member: Member, alone: float | None = None) -> tuple[bool, str]:
+  """Runs (or resumes) one member; returns (ok, message). Its output goes to log.txt; the
+  record of the attempt holds `alone`, the images/s of its step alone measured in this
+  sitting (measure_steps_alone)."""
   os.makedirs(member.workdir, exist_ok=True)
   command = member.command(sys.executable)
   log_path = os.path.join(member.workdir, 'log.txt')
@@ -94,8 +97,11 @@ def run_member(member: Member) -> tuple[bool, str]:
     finally:
       signal.signal(signal.SIGTERM, previous)
   seconds = time.time() - start
-  record['attempts'].append({'start': start, 'seconds': seconds, 'returncode': returncode,
-                             'machine': machine()})
+  attempt = {'start': start, 'seconds': seconds, 'returncode': returncode,
+             'machine': machine()}
+  if alone:
+    attempt['images_per_sec_alone'] = alone
+  record['attempts'].append(attempt)
   with open(os.path.join(member.workdir, RECORD), 'w') as f:
     json.dump(record, f, indent=1)
   if stopping or returncode < 0:
@@ -107,10 +113,12 @@ def run_member(member: Member) -> tuple[bool, str]:
   return True, f'{seconds / 60:.1f} min'
 
 
-def run(members: list[Member], steps: dict, log=print, before=None, after=None) -> list[str]:
+def run(members: list[Member], steps: dict, log=print, before=None, after=None,
+        alone: dict | None = None) -> list[str]:
   """Runs every unfinished member whose parent finished; returns the failures. `before`
   may replace a member right before it runs (record.with_kept_parent); `after` is called
-  after each member that finished."""
+  after each member that finished; `alone` ({step_key: images/s}, measure_steps_alone)
+  goes into each attempt's record."""
   failed = {}
   todo = [m for m in members if not is_finished(m.workdir, steps[m.label])]
   log(f'{len(members) - len(todo)} of {len(members)} members finished; running {len(todo)}.')
@@ -121,7 +129,8 @@ def run(members: list[Member], steps: dict, log=print, before=None, after=None) 
       log(f'{head}: {failed[member.label]}')
       continue
     log(f'{head}: running ({steps[member.label]} steps, log in {member.workdir}/log.txt)')
-    ok, message = run_member(before(member) if before else member)
+    ok, message = run_member(before(member) if before else member,
+                             (alone or {}).get(step_key(member)))
     if ok and not is_finished(member.workdir, steps[member.label]):
       ok, message = False, ('exited without evaluating its last step (log: '
                             f'{member.workdir}/log.txt)')
@@ -135,23 +144,54 @@ def run(members: list[Member], steps: dict, log=print, before=None, after=None) 
 
 # ------------------------------------------------------------- the step alone
 
-ALONE = 'step_alone.json'  # in the sweep's workdir: {step_key: {measure: images/s}}
-# Overrides that change what a step computes, and so its speed.
-SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size', 'grad_accum_steps',
-              'mesh', 'sharding_rules')
+ALONE = 'step_alone.json'  # in the sweep's results: {step_key: the latest measurement}
+# Config keys that say how long a run is, what it reads, evaluates and keeps, or only set
+# the values of numbers the step computes with: two members that differ in nothing else
+# run the same step (a fine-tuning of 20 epochs and one of 40; a learning rate; a seed).
+# Anything else (the model, the objective, the batch, the optimizer, mixup) is a
+# different step.
+NOT_STEP_KEYS = ('num_epochs', 'total_steps', 'seed', 'init.', 'fewshot.', 'data.',
+                 'eval_batch_size', 'eval_every_steps', 'log_every_steps',
+                 'checkpoint_every_steps', 'keep_checkpoint', 'profile_steps',
+                 'optim.base_lr', 'optim.min_lr', 'optim.warmup_epochs', 'optim.lr_batch_base',
+                 'optim.layer_decay', 'optim.weight_decay', 'label_smoothing')
+# Overrides that earlier versions keyed the step by (with the stage's config string).
+LEGACY_SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size',
+                     'grad_accum_steps', 'mesh', 'sharding_rules')
 SHARED_SLOWDOWN = 0.25  # a run this much slower than its step alone shared the machine
 
 
-def _speed_flags(member: Member) -> list[str]:
-  """The member's command-line overrides that set its step, in a fixed order."""
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _step_flags(member: Member) -> list[str]:
+  """The member's command-line overrides that can change its step, in a fixed order."""
   return [f'--config.{k}={format_value(v)}' for k, v in sorted(member.overrides.items())
-          if k.startswith(SPEED_KEYS)]
+          if not k.startswith(NOT_STEP_KEYS)]
 
 
 def step_key(member: Member) -> str:
-  """The base config and the overrides that set the member's step: members with the same
-  key run the same step, and are measured alone once."""
-  return ' '.join([member.stage.config] + _speed_flags(member))
+  """The config file and a digest of the member's config without NOT_STEP_KEYS (the
+  dataset's name kept: it sets the head): members with the same key run the same step."""
+  values = {k: v for k, v in _flat(member_config(member).to_dict()).items()
+            if not k.startswith(NOT_STEP_KEYS) or k == 'data.name'}
+  digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+  return f'{member.stage.config.split(":")[0]} step {digest.hexdigest()[:12]}'
+
+
+def _legacy_step_key(member: Member) -> str:
+  """The key of earlier versions: the stage's config string (run-length arguments and all)
+  and the overrides of LEGACY_SPEED_KEYS."""
+  return ' '.join([member.stage.config] + [
+      f'--config.{k}={format_value(v)}' for k, v in sorted(member.overrides.items())
+      if k.startswith(LEGACY_SPEED_KEYS)])
 
 
 def _read_alone_file(root: str) -> dict:
@@ -163,10 +203,10 @@ def _read_alone_file(root: str) -> dict:
 
 
 def read_steps_alone(root: str) -> dict:
-  """{step_key: images/s of the step alone, run back to back as a loop runs it}. Entries
-  of older sweeps (a bare number: the best of 10 steps timed one at a time, 5-15% above
-  what the same steps sustain back to back) are left out, so that they are measured
-  again (old_steps_alone counts them)."""
+  """{step_key: images/s of the step alone, run back to back as a loop runs it}, the latest
+  measurement of each. Entries of older sweeps (a bare number: the best of 10 steps timed
+  one at a time, 5-15% above what the same steps sustain back to back) are left out
+  (old_steps_alone counts them)."""
   return _back_to_back(_read_alone_file(root))
 
 
@@ -179,29 +219,43 @@ def old_steps_alone(root: str) -> int:
   return sum(not isinstance(rates, dict) for rates in _read_alone_file(root).values())
 
 
+def alone_for(member: Member, stored: dict) -> float | None:
+  """The images/s of the member's step alone that its run is judged against: the one
+  measured in the sitting of its longest attempt (runner.run records it), else, for runs
+  of earlier versions, the entry of its legacy key, else the latest of its step."""
+  timed = [a for a in _record(member.workdir)['attempts'] if a.get('images_per_sec_alone')]
+  if timed:
+    return max(timed, key=lambda a: a['seconds'])['images_per_sec_alone']
+  return stored.get(_legacy_step_key(member)) or stored.get(step_key(member))
+
+
 def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log=print) -> dict:
-  """The images/s of each member's training step alone on this machine, once per
-  step_key: 20 steps of scripts/benchmark.py on its config run back to back (at most two
-  in flight, as the loop runs them, with no input pipeline), kept in ROOT/step_alone.json
-  beside the best of the same steps timed one at a time. Run it while nothing else is
-  running. A step that fails to compile is left out (its run reports the error); nothing
-  is measured where the script is not there (an installed package without the
-  repository's scripts/)."""
+  """{step_key: images/s} of the members' training steps alone on this machine, now: 20
+  steps of scripts/benchmark.py on each distinct step's config, run back to back (at most
+  two in flight, as the loop runs them, with no input pipeline), kept in
+  ROOT/step_alone.json beside the best of the same steps timed one at a time, the machine
+  and the date. Pass the members still to run: a sweep measures at each start, since a
+  study resumed on another day may run on a faster or slower machine (measured here:
+  fine-tuning 340 against 550 images/s in two sittings), and a run is judged
+  against its own sitting's step. Run it while nothing else is running. A step that fails
+  to compile is left out (its run reports the error); nothing is measured where the
+  script is not there (an installed package without the repository's scripts/)."""
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), 'scripts', 'benchmark.py')
   if not os.path.exists(script):
     log(f'Not measuring the steps alone: {script} is not there.')
-    return read_steps_alone(root)
-  stored = {k: v for k, v in _read_alone_file(root).items() if isinstance(v, dict)}
+    return {}
+  stored = _read_alone_file(root)
+  measured = {}
   for member in members:
     key = step_key(member)
-    if key in stored:
+    if key in measured:
       continue
-    log(f'The step alone: {key} ...')
+    log(f'The step alone: {member.stage.config} {" ".join(_step_flags(member))} ...')
     with tempfile.TemporaryDirectory() as tmp:
       output = os.path.join(tmp, 'rows.jsonl')
       command = ([sys.executable, script, f'--config={member.stage.config}',
-                  *_speed_flags(member), f'--num_classes={num_classes[member.label]}',
+                  *_step_flags(member), f'--num_classes={num_classes[member.label]}',
                   '--steps=20', '--warmup=3', f'--output={output}'])
       result = subprocess.run(command, capture_output=True, text=True, check=False)
       if result.returncode:  # the run will say what is wrong; its speed stays unknown
@@ -210,13 +264,17 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
       with open(output) as f:
         row = json.loads(f.readline())
     stored[key] = {'back_to_back': row['images_per_s_sustained'],
-                   'one_at_a_time': row['images_per_s']}
+                   'one_at_a_time': row['images_per_s'], 'machine': machine(),
+                   'date': time.strftime('%Y-%m-%d'),
+                   'measured_for': ' '.join([member.stage.config, *_step_flags(member)])}
+    measured[key] = stored[key]['back_to_back']
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ALONE), 'w') as f:
+    with open(os.path.join(root, ALONE + '.tmp'), 'w') as f:
       json.dump(stored, f, indent=1)
+    os.replace(os.path.join(root, ALONE + '.tmp'), os.path.join(root, ALONE))
     log(f'  {stored[key]["back_to_back"]:.1f} images/s back to back '
         f'({stored[key]["one_at_a_time"]:.1f} one step at a time)')
-  return _back_to_back(stored)
+  return measured
 
 
 def shared_machine(images_per_sec: float, alone: float) -> bool:
