@@ -79,8 +79,8 @@ def test_the_accuracy_is_the_mean_over_draws():
 
 def test_each_run_seed_draws_its_own_shots():
   """A run's draws are seeded from its own seed (vit_jax.train.FeatureProbe): seeds 0-2 of
-  a study draw 9 different sets of shots, seed 0 keeps fewshot.seed's, and a run of
-  another seed with fewer draws still starts past seed 0's."""
+  a study draw 9 different sets of shots, seed 0 keeps fewshot.seed's, and runs of other
+  seeds draw apart from seed 0's whatever their number of draws."""
   import types  # pylint: disable=import-outside-toplevel
   from vit_jax import config_utils, train  # pylint: disable=import-outside-toplevel
   def draw_seeds(run_seed, draws=3, probe_seed=0):
@@ -88,11 +88,13 @@ def test_each_run_seed_draws_its_own_shots():
     config.seed = run_seed
     config.fewshot.update(dict(seed=probe_seed, draws=draws))
     probe = train.FeatureProbe(config, None, None, None, types.SimpleNamespace(num_classes=10))
-    return set(range(probe.seed, probe.seed + probe.draws))
+    assert probe.seed == probe_seed  # the config's, as scripts/eval_checkpoints.py records
+    return set(range(probe.first_seed, probe.first_seed + probe.draws))
   by_run = [draw_seeds(run_seed) for run_seed in range(3)]
   assert by_run[0] == {0, 1, 2}
   assert len(set.union(*by_run)) == 9
   assert draw_seeds(0, probe_seed=5) == {5, 6, 7}
+  assert not draw_seeds(1, draws=1) & by_run[0] and not draw_seeds(1, draws=5) & by_run[0]
   labels = np.random.default_rng(3).integers(0, 10, 1000)
   shots = [[tuple(fewshot.select_shots(labels, 5, 10, s)) for s in seeds] for seeds in by_run]
   assert len({draw for run in shots for draw in run}) == 9  # 9 different sets of images

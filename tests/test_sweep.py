@@ -650,10 +650,30 @@ def test_the_step_alone_is_measured_once_per_step_at_each_start(tmp_path, monkey
   assert sweep.read_steps_alone(str(tmp_path)) == again
   assert sweep.alone_for(members[0], again) == 350.0  # its attempt's, not the latest
   assert sweep.alone_for(members[1], again) == again[key]  # no attempt yet: the latest
-  # An older sweep's entry (a bare number: one step at a time) is not read, and is
-  # counted so that the report can say so.
+  # The longest attempt decides. One of an earlier version (no rate in its record) is
+  # judged against that version's entry (keyed by the stage's config string); one of this
+  # version that was not measured (--nomeasure_alone), against the latest.
+  legacy = {**again, sweep.runner._legacy_step_key(members[0]): 280.0}  # pylint: disable=protected-access
+
+  def attempts(*rates):
+    with open(os.path.join(members[0].workdir, sweep.RECORD), 'w') as f:
+      json.dump({'attempts': [{'start': 0, 'seconds': seconds, 'returncode': 0, **rate}
+                              for seconds, rate in rates]}, f)
+
+  attempts((600.0, {}), (60.0, {'images_per_sec_alone': 350.0}))
+  assert sweep.alone_for(members[0], legacy) == 280.0
+  attempts((600.0, {'images_per_sec_alone': None}))
+  assert sweep.alone_for(members[0], legacy) == again[key]
+  attempts((60.0, {}), (600.0, {'images_per_sec_alone': 350.0}))
+  assert sweep.alone_for(members[0], legacy) == 350.0
+  # An older sweep's entry (a bare number: one step at a time) is not read, is counted so
+  # that the report can say so, and is dropped when the step is measured again.
   monkeypatch.undo()
   with open(tmp_path / sweep.ALONE, 'w') as f:
     json.dump({key: 1e6}, f)
   assert sweep.read_steps_alone(str(tmp_path)) == {}
   assert sweep.old_steps_alone(str(tmp_path)) == 1
+  sweep.measure_steps_alone(members[:1], str(tmp_path), {members[0].label: 10},
+                            log=lines.append)
+  assert sweep.old_steps_alone(str(tmp_path)) == 0
+  assert 0 < sweep.read_steps_alone(str(tmp_path))[key] < 1e6

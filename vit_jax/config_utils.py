@@ -107,7 +107,7 @@ def base_config(objective: str = 'classification') -> ml_collections.ConfigDict:
   # monitor of MAE pretraining) as eval/knn_top1. Both fit on the images of train_split
   # ('': data.train_split), read with the evaluation transform, and score the eval split.
   # Few-shot accuracy is the mean over `draws` draws of shots, seeded fewshot.seed +
-  # draws * config.seed, + 1, ...: each run seed draws its own shots.
+  # 1000 * config.seed, + 1, ...: each run seed draws its own shots.
   config.fewshot = ml_collections.ConfigDict(dict(
       shots=(), knn_k=0, train_split='', l2_reg=2.0**10, seed=0, draws=3))
   config.checkpoint_every_steps = 1000

@@ -25,12 +25,16 @@ L2_REG = 2.0 ** 10  # big_vision's default ridge strength on standardised featur
 DRAWS = 3  # draws of shots averaged, as big_vision's num_seeds
 
 
-def first_draw_seed(probe_seed: int, run_seed: int, draws: int = DRAWS) -> int:
+SEEDS_PER_RUN = 1000  # a run of seed s draws from seeds fewshot.seed + 1000 s on
+
+
+def first_draw_seed(probe_seed: int, run_seed: int) -> int:
   """The seed of a run's first draw of shots: its draws are seeds first, first + 1, ...,
-  first + draws - 1, so runs of different seeds draw different shots (their spread holds
-  the draws' own) and runs of one seed draw the same (two arms at a seed are compared on
-  the same images). Run seed 0 draws from `probe_seed` on."""
-  return probe_seed + draws * run_seed
+  so runs of different seeds draw different shots (their spread holds the draws' own)
+  whatever their number of draws (up to SEEDS_PER_RUN), and runs of one seed draw the
+  same (two arms at a seed are compared on the same images). Run seed 0 draws from
+  `probe_seed` on."""
+  return probe_seed + SEEDS_PER_RUN * run_seed
 
 
 def select_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int = 0) -> np.ndarray:

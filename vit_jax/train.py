@@ -77,10 +77,12 @@ class FeatureProbe:
     self.train_split = probe.train_split or config.data.train_split
     self.l2_reg = float(probe.l2_reg)
     self.draws = int(probe.get('draws', fewshot.DRAWS))
-    self.seed = fewshot.first_draw_seed(int(probe.seed), int(config.seed), self.draws)
+    self.seed = int(probe.seed)
+    self.first_seed = fewshot.first_draw_seed(self.seed, int(config.seed))
     if (any(k < 1 for k in self.shots) or self.knn_k < 0 or self.l2_reg < 0
-        or self.draws < 1):
-      raise ValueError(f'fewshot: shots={self.shots} and draws={self.draws} must be positive, '
+        or not 1 <= self.draws <= fewshot.SEEDS_PER_RUN):
+      raise ValueError(f'fewshot: shots={self.shots} must be positive, draws={self.draws} '
+                       f'within 1-{fewshot.SEEDS_PER_RUN}, '
                        f'knn_k={self.knn_k} 0 (off) or positive and l2_reg={self.l2_reg} '
                        'non-negative; e.g. --config.fewshot.shots="(1, 5, 10, 25)" '
                        '--config.fewshot.knn_k=20.')
@@ -119,7 +121,7 @@ class FeatureProbe:
     for shots in self.shots:
       results[f'{prefix}/fewshot_{shots}shot'] = fewshot.fewshot_accuracy(
           *train, *test, shots=shots, num_classes=self.num_classes, l2_reg=self.l2_reg,
-          seed=self.seed, draws=self.draws)
+          seed=self.first_seed, draws=self.draws)
     if self.knn_k:
       results[f'{prefix}/knn_top1'] = fewshot.knn_accuracy(
           *train, *test, num_classes=self.num_classes, k=self.knn_k)

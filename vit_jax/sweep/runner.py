@@ -98,9 +98,7 @@ def run_member(member: Member, alone: float | None = None) -> tuple[bool, str]:
       signal.signal(signal.SIGTERM, previous)
   seconds = time.time() - start
   attempt = {'start': start, 'seconds': seconds, 'returncode': returncode,
-             'machine': machine()}
-  if alone:
-    attempt['images_per_sec_alone'] = alone
+             'machine': machine(), 'images_per_sec_alone': alone}
   record['attempts'].append(attempt)
   with open(os.path.join(member.workdir, RECORD), 'w') as f:
     json.dump(record, f, indent=1)
@@ -148,13 +146,13 @@ ALONE = 'step_alone.json'  # in the sweep's results: {step_key: the latest measu
 # Config keys that say how long a run is, what it reads, evaluates and keeps, or only set
 # the values of numbers the step computes with: two members that differ in nothing else
 # run the same step (a fine-tuning of 20 epochs and one of 40; a learning rate; a seed).
-# Anything else (the model, the objective, the batch, the optimizer, mixup) is a
-# different step.
+# Anything else (the model, the objective, the batch, the optimizer, mixup, layer decay,
+# which adds a pass over the parameters) is a different step.
 NOT_STEP_KEYS = ('num_epochs', 'total_steps', 'seed', 'init.', 'fewshot.', 'data.',
                  'eval_batch_size', 'eval_every_steps', 'log_every_steps',
                  'checkpoint_every_steps', 'keep_checkpoint', 'profile_steps',
                  'optim.base_lr', 'optim.min_lr', 'optim.warmup_epochs', 'optim.lr_batch_base',
-                 'optim.layer_decay', 'optim.weight_decay', 'label_smoothing')
+                 'optim.weight_decay', 'label_smoothing')
 # Overrides that earlier versions keyed the step by (with the stage's config string).
 LEGACY_SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size',
                      'grad_accum_steps', 'mesh', 'sharding_rules')
@@ -171,10 +169,15 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   return out
 
 
-def _step_flags(member: Member) -> list[str]:
-  """The member's command-line overrides that can change its step, in a fixed order."""
+def _override_flags(member: Member, keep) -> list[str]:
+  """The member's command-line overrides whose key passes `keep`, in a fixed order."""
   return [f'--config.{k}={format_value(v)}' for k, v in sorted(member.overrides.items())
-          if not k.startswith(NOT_STEP_KEYS)]
+          if keep(k)]
+
+
+def _step_flags(member: Member) -> list[str]:
+  """The member's overrides that can change its step."""
+  return _override_flags(member, lambda k: not k.startswith(NOT_STEP_KEYS))
 
 
 def step_key(member: Member) -> str:
@@ -189,9 +192,8 @@ def step_key(member: Member) -> str:
 def _legacy_step_key(member: Member) -> str:
   """The key of earlier versions: the stage's config string (run-length arguments and all)
   and the overrides of LEGACY_SPEED_KEYS."""
-  return ' '.join([member.stage.config] + [
-      f'--config.{k}={format_value(v)}' for k, v in sorted(member.overrides.items())
-      if k.startswith(LEGACY_SPEED_KEYS)])
+  return ' '.join([member.stage.config]
+                  + _override_flags(member, lambda k: k.startswith(LEGACY_SPEED_KEYS)))
 
 
 def _read_alone_file(root: str) -> dict:
@@ -220,13 +222,17 @@ def old_steps_alone(root: str) -> int:
 
 
 def alone_for(member: Member, stored: dict) -> float | None:
-  """The images/s of the member's step alone that its run is judged against: the one
-  measured in the sitting of its longest attempt (runner.run records it), else, for runs
-  of earlier versions, the entry of its legacy key, else the latest of its step."""
-  timed = [a for a in _record(member.workdir)['attempts'] if a.get('images_per_sec_alone')]
-  if timed:
-    return max(timed, key=lambda a: a['seconds'])['images_per_sec_alone']
-  return stored.get(_legacy_step_key(member)) or stored.get(step_key(member))
+  """The images/s of the member's step alone that its run is judged against (`stored`:
+  read_steps_alone): the one measured in the sitting of its longest attempt (run_member
+  records it, None where it was not measured); for an attempt of an earlier version
+  (no such field), the entry of the legacy key; else the latest of its step."""
+  attempts = _record(member.workdir)['attempts']
+  longest = max(attempts, key=lambda a: a['seconds']) if attempts else {}
+  if longest.get('images_per_sec_alone'):
+    return longest['images_per_sec_alone']
+  legacy = stored.get(_legacy_step_key(member)) if longest and (
+      'images_per_sec_alone' not in longest) else None
+  return legacy or stored.get(step_key(member))
 
 
 def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log=print) -> dict:
@@ -245,12 +251,14 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
   if not os.path.exists(script):
     log(f'Not measuring the steps alone: {script} is not there.')
     return {}
-  stored = _read_alone_file(root)
-  measured = {}
+  # Older sweeps' bare numbers (one step at a time) are dropped: old_steps_alone counts 0.
+  stored = {k: v for k, v in _read_alone_file(root).items() if isinstance(v, dict)}
+  measured, tried = {}, set()
   for member in members:
     key = step_key(member)
-    if key in measured:
+    if key in tried:
       continue
+    tried.add(key)
     log(f'The step alone: {member.stage.config} {" ".join(_step_flags(member))} ...')
     with tempfile.TemporaryDirectory() as tmp:
       output = os.path.join(tmp, 'rows.jsonl')
