@@ -259,7 +259,7 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
     if key in tried:
       continue
     tried.add(key)
-    log(f'The step alone: {member.stage.config} {" ".join(_step_flags(member))} ...')
+    log(f'The step alone: {" ".join([member.stage.config, *_step_flags(member)])} ...')
     with tempfile.TemporaryDirectory() as tmp:
       output = os.path.join(tmp, 'rows.jsonl')
       command = ([sys.executable, script, f'--config={member.stage.config}',
