@@ -359,7 +359,8 @@ def test_a_child_of_an_unfinished_parent_is_not_run(tmp_path, monkeypatch):
   members = sweep.expand(sweep.Sweep([sweep.Stage('pretrain', DEMO_MAE),
                                       sweep.Stage('finetune', DEMO_FT, init_from='pretrain')]),
                          str(tmp_path))
-  monkeypatch.setattr(sweep.runner, 'run_member', lambda m, alone=None: (False, 'Error: out of memory'))
+  monkeypatch.setattr(sweep.runner, 'run_member',
+                      lambda m, alone=None: (False, 'Error: out of memory'))
   failures = sweep.run(members, {m.label: 10 for m in members}, log=lambda _: None)
   assert failures == ['pretrain/base: Error: out of memory',
                       'finetune/base: not run: its parent pretrain/base did not finish']
@@ -653,7 +654,8 @@ def test_the_step_alone_is_measured_once_per_step_at_each_start(tmp_path, monkey
   # The longest attempt decides. One of an earlier version (no rate in its record) is
   # judged against that version's entry (keyed by the stage's config string); one of this
   # version that was not measured (--nomeasure_alone), against the latest.
-  legacy = {**again, sweep.runner._legacy_step_key(members[0]): 280.0}  # pylint: disable=protected-access
+  legacy_key = sweep.runner._legacy_step_key(members[0])  # pylint: disable=protected-access
+  legacy = {**again, legacy_key: 280.0}
 
   def attempts(*rates):
     with open(os.path.join(members[0].workdir, sweep.RECORD), 'w') as f:

@@ -97,9 +97,8 @@ def run_member(member: Member, alone: float | None = None) -> tuple[bool, str]:
     finally:
       signal.signal(signal.SIGTERM, previous)
   seconds = time.time() - start
-  attempt = {'start': start, 'seconds': seconds, 'returncode': returncode,
-             'machine': machine(), 'images_per_sec_alone': alone}
-  record['attempts'].append(attempt)
+  record['attempts'].append({'start': start, 'seconds': seconds, 'returncode': returncode,
+                             'machine': machine(), 'images_per_sec_alone': alone})
   with open(os.path.join(member.workdir, RECORD), 'w') as f:
     json.dump(record, f, indent=1)
   if stopping or returncode < 0:
@@ -159,16 +158,6 @@ LEGACY_SPEED_KEYS = ('model.', 'model_name', 'objective', 'global_batch_size',
 SHARED_SLOWDOWN = 0.25  # a run this much slower than its step alone shared the machine
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def _override_flags(member: Member, keep) -> list[str]:
   """The member's command-line overrides whose key passes `keep`, in a fixed order."""
   return [f'--config.{k}={format_value(v)}' for k, v in sorted(member.overrides.items())
@@ -183,8 +172,9 @@ def _step_flags(member: Member) -> list[str]:
 def step_key(member: Member) -> str:
   """The config file and a digest of the member's config without NOT_STEP_KEYS (the
   dataset's name kept: it sets the head): members with the same key run the same step."""
-  values = {k: v for k, v in _flat(member_config(member).to_dict()).items()
-            if not k.startswith(NOT_STEP_KEYS) or k == 'data.name'}
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  flat = traverse_util.flatten_dict(member_config(member).to_dict(), sep='.')
+  values = {k: v for k, v in flat.items() if not k.startswith(NOT_STEP_KEYS) or k == 'data.name'}
   digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
   return f'{member.stage.config.split(":")[0]} step {digest.hexdigest()[:12]}'
 
@@ -230,9 +220,11 @@ def alone_for(member: Member, stored: dict) -> float | None:
   longest = max(attempts, key=lambda a: a['seconds']) if attempts else {}
   if longest.get('images_per_sec_alone'):
     return longest['images_per_sec_alone']
-  legacy = stored.get(_legacy_step_key(member)) if longest and (
-      'images_per_sec_alone' not in longest) else None
-  return legacy or stored.get(step_key(member))
+  if longest and 'images_per_sec_alone' not in longest:  # an earlier version's attempt
+    legacy = stored.get(_legacy_step_key(member))
+    if legacy:
+      return legacy
+  return stored.get(step_key(member))
 
 
 def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log=print) -> dict:
@@ -259,7 +251,8 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
     if key in tried:
       continue
     tried.add(key)
-    log(f'The step alone: {" ".join([member.stage.config, *_step_flags(member)])} ...')
+    described = ' '.join([member.stage.config, *_step_flags(member)])
+    log(f'The step alone: {described} ...')
     with tempfile.TemporaryDirectory() as tmp:
       output = os.path.join(tmp, 'rows.jsonl')
       command = ([sys.executable, script, f'--config={member.stage.config}',
@@ -274,7 +267,7 @@ def measure_steps_alone(members: list[Member], root: str, num_classes: dict, log
     stored[key] = {'back_to_back': row['images_per_s_sustained'],
                    'one_at_a_time': row['images_per_s'], 'machine': machine(),
                    'date': time.strftime('%Y-%m-%d'),
-                   'measured_for': ' '.join([member.stage.config, *_step_flags(member)])}
+                   'measured_for': described}
     measured[key] = stored[key]['back_to_back']
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ALONE + '.tmp'), 'w') as f:
